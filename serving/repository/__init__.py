@@ -1,0 +1,1 @@
+"""The model repository: the only contract between training and serving."""

@@ -1,0 +1,1 @@
+"""Training side of genserve: estimators, datasets, export to the model repository."""

@@ -1,0 +1,1 @@
+"""Density estimators, one module per family; the registry in ``training.registry`` names them."""
