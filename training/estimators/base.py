@@ -104,7 +104,15 @@ class DensityEstimator(abc.ABC):
 
     @abc.abstractmethod
     def get_params(self) -> dict[str, Any]:
-        """Hyper-parameters as given (and, after fit, as chosen: e.g. ``bandwidth_``)."""
+        """Hyper-parameters as given to the constructor."""
+
+    def fitted_params(self) -> dict[str, Any]:
+        """Hyper-parameters with every search ("cv", "auto") replaced by what ``fit`` chose.
+
+        ``type(self)(**self.fitted_params())`` refits the same model without searching again:
+        the cross-fitted threshold calibration relies on it.
+        """
+        return self.get_params()
 
     # ---- derived behaviour -------------------------------------------------------------
     def _check_fitted(self) -> None:

@@ -1,0 +1,91 @@
+"""Datasets by name, split as BENCHMARKS.md prescribes.
+
+* ``digits`` — the D1 protocol: scikit-learn's 8x8 digits (shipped with the package, nothing is
+  downloaded), dequantised with ``x = (v + u) / 17``, ``u ~ U(0, 1)`` from
+  ``default_rng(0)``, split 70/30 stratified with ``random_state=0``.
+* ``grid25`` — 25 Gaussians at {-4,-2,0,2,4}^2 with sigma 0.05 (the G1 protocol), generated.
+* a path to a ``.npy`` or ``.csv`` file of rows, split 70/30 with ``random_state=0``.
+
+Hyper-parameters are never chosen on ``X_test``: estimators that select (KDE ``cv``, GMM
+``auto``) split their own validation part off the training rows they are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import train_test_split
+
+GRID25_MEANS = np.array([(x, y) for x in (-4, -2, 0, 2, 4) for y in (-4, -2, 0, 2, 4)], dtype=float)
+GRID25_SIGMA = 0.05
+
+
+@dataclass
+class Dataset:
+    name: str
+    X_train: np.ndarray
+    X_test: np.ndarray
+    y_train: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+    # Shape of one row as an image, for the sample grid of the model card; None for plain rows.
+    image_shape: tuple[int, int] | None = None
+
+    @property
+    def n_features(self) -> int:
+        return self.X_train.shape[1]
+
+
+def digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    u = np.random.default_rng(0).uniform(size=bunch.data.shape)
+    x = (bunch.data + u) / 17.0
+    X_train, X_test, y_train, y_test = train_test_split(
+        x, bunch.target, test_size=0.3, stratify=bunch.target, random_state=0)
+    return Dataset("digits", X_train, X_test, y_train, y_test, image_shape=(8, 8))
+
+
+def sample_grid25(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` points of the 5x5 grid mixture and the index of the mode each came from."""
+    rng = np.random.default_rng(seed)
+    modes = rng.integers(0, len(GRID25_MEANS), size=n)
+    return GRID25_MEANS[modes] + GRID25_SIGMA * rng.standard_normal((n, 2)), modes
+
+
+def grid25(n_train: int = 2000, n_test: int = 1000) -> Dataset:
+    X_train, y_train = sample_grid25(n_train, seed=0)
+    X_test, y_test = sample_grid25(n_test, seed=1)
+    return Dataset("grid25", X_train, X_test, y_train, y_test)
+
+
+def from_file(path: Path) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--data {path}: no such file (expected 'digits', 'grid25', or a .npy/.csv file)")
+    if path.suffix == ".npy":
+        X = np.load(path, allow_pickle=False)
+    elif path.suffix == ".csv":
+        X = np.loadtxt(path, delimiter=",", ndmin=2)
+    else:
+        raise ValueError(f"--data {path}: expected a .npy or .csv file, got {path.suffix or 'no suffix'!r}")
+    if X.ndim != 2 or len(X) < 10:
+        raise ValueError(f"--data {path}: expected a 2-D array of at least 10 rows, got shape {X.shape}")
+    if not np.issubdtype(X.dtype, np.number) or not np.all(np.isfinite(X)):
+        raise ValueError(f"--data {path}: rows must be finite numbers")
+    X_train, X_test = train_test_split(X.astype(np.float64), test_size=0.3, random_state=0)
+    return Dataset(path.stem, X_train, X_test)
+
+
+NAMED = {"digits": digits, "grid25": grid25}
+
+
+def load(name_or_path: str) -> Dataset:
+    """A named dataset or a file of rows."""
+    if name_or_path in NAMED:
+        return NAMED[name_or_path]()
+    if name_or_path.endswith((".npy", ".csv")) or Path(name_or_path).exists():
+        return from_file(Path(name_or_path))
+    raise ValueError(f"--data {name_or_path!r}: expected one of {sorted(NAMED)} or a path to a .npy/.csv file")

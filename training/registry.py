@@ -1,0 +1,90 @@
+"""One registry from family name to estimator class, default hyper-parameters and CLI options.
+
+The command line, the demo repository and the benchmarks all create estimators through here,
+so adding a family is one entry, never another ``if family == ...`` branch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from training.estimators.base import DensityEstimator
+
+
+def _number_or(kind: type, *words: str) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if text in words:
+            return text
+        try:
+            return kind(text)
+        except ValueError:
+            allowed = " or ".join([kind.__name__.upper(), *words])
+            raise ValueError(f"expected {allowed}, got {text!r}") from None
+    parse.__name__ = f"{kind.__name__} or {'/'.join(words)}" if words else kind.__name__
+    return parse
+
+
+@dataclass(frozen=True)
+class Option:
+    """A command-line flag mapped onto one constructor parameter."""
+
+    flag: str
+    param: str
+    parse: Callable[[str], Any]
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    target: str  # "module:Class", imported on first use so the registry loads without every family
+    summary: str
+    options: tuple[Option, ...] = ()
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def estimator_class(self) -> type[DensityEstimator]:
+        module, cls = self.target.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def create(self, **params: Any) -> DensityEstimator:
+        """An unfitted estimator with the defaults overridden by ``params`` (None = default)."""
+        merged = {**self.defaults, **{k: v for k, v in params.items() if v is not None}}
+        return self.estimator_class(**merged)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("gaussian", "training.estimators.gaussian:GaussianDensity",
+           "full-covariance Gaussian, maximum likelihood",
+           (Option("--reg-covar", "reg_covar", float, "added to the covariance diagonal"),)),
+    Family("histogram", "training.estimators.histogram:HistogramDensity",
+           "regular-grid histogram for 1 to 3 dimensions",
+           (Option("--bins", "bins", _number_or(int, "auto"), "bins per dimension, or auto (h ∝ n^(-1/3))"),)),
+    Family("kde", "training.estimators.kde:KernelDensity",
+           "kernel density estimate",
+           (Option("--kernel", "kernel", str, "kernel shape",
+                   ("gaussian", "tophat", "linear", "epanechnikov")),
+            Option("--bandwidth", "bandwidth", _number_or(float, "scott", "silverman", "cv"),
+                   "FLOAT, scott, silverman or cv (k-fold cross-validated)")),
+           {"bandwidth": "cv"}),
+    Family("knn", "training.estimators.knn:KNNDensity",
+           "k-nearest-neighbour density k / (n V_d d_k^d) (not normalised)",
+           (Option("--k", "k", _number_or(int, "auto"), "neighbours, or auto (validation)"),)),
+    Family("gmm", "training.estimators.gmm:GaussianMixtureDensity",
+           "Gaussian mixture fitted by EM",
+           (Option("--components", "n_components", _number_or(int, "auto"),
+                   "INT or auto (chosen on a validation split)"),
+            Option("--covariance", "covariance_type", str, "covariance structure",
+                   ("full", "diag", "auto"))),
+           {"n_components": "auto", "covariance_type": "auto"}),
+)}
+
+
+def get(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown family {name!r}; expected one of {sorted(FAMILIES)}") from None
