@@ -1,0 +1,253 @@
+"""``genserve serve`` and ``genserve client ...``: the serving side of the command line.
+
+``register(subparsers)`` adds both commands to the top-level ``genserve`` parser (genserve/cli.py);
+each parsed command carries ``func(args) -> exit code``. ``python -m serving.cli`` runs them
+without the top-level entry point.
+
+Flags of ``serve`` override ``GENSERVE_*`` environment variables, which override the defaults
+(``serving.config.Settings``). Exit codes of ``client``: 0 success, 1 the server refused or failed
+the call (the gRPC status code name and the server's message go to stderr), 2 a bad command line
+or an unreadable input file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+EXIT_RPC_ERROR = 1
+EXIT_USAGE = 2
+
+# Settings field -> (flag, type, help). Defaults stay None so only given flags override.
+_SERVE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("repo", "--repo", Path, "model repository <repo>/<name>/<version>/ (env GENSERVE_REPO)"),
+    ("host", "--host", str, "address to bind, default 127.0.0.1; 0.0.0.0 in a container"),
+    ("port", "--port", int, "gRPC port, default 8500; 0 picks a free one"),
+    ("metrics_host", "--metrics-host", str, "address of the metrics endpoint, default: --host"),
+    ("metrics_port", "--metrics-port", int, "Prometheus port, default 9100; 0 picks a free one"),
+    ("providers", "--providers", str, "comma-separated onnxruntime providers, default CUDA then CPU"),
+    ("cuda_device_id", "--cuda-device-id", int, "GPU for the CUDA provider, default 0"),
+    ("intra_op_threads", "--intra-op-threads", int, "threads inside one session run, default 1 (0 = ORT default)"),
+    ("inter_op_threads", "--inter-op-threads", int, "threads across graph nodes, default 1"),
+    ("worker_threads", "--worker-threads", int, "session runs at once, default: CPU cores"),
+    ("max_concurrent_rpcs", "--max-concurrent-rpcs", int, "RPCs accepted at once, default 1024"),
+    ("max_message_bytes", "--max-message-bytes", int, "largest gRPC message, default 64 MiB"),
+    ("max_rows_per_request", "--max-rows", int, "rows per request, default 1000000"),
+    ("max_sample_count", "--max-samples", int, "samples per request, default 100000"),
+    ("chunk_rows", "--chunk-rows", int, "rows per session run, default 4096"),
+    ("drain_seconds", "--drain-seconds", float, "grace for in-flight requests on SIGTERM, default 20"),
+    ("log_level", "--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``serve`` and ``client`` to a top-level parser's subparsers."""
+    serve = subparsers.add_parser("serve", help="serve a model repository over gRPC",
+                                  description="Serve a model repository over gRPC (genserve.v1, health, "
+                                              "reflection) with Prometheus metrics; SIGTERM drains.")
+    for field, flag, kind, text in _SERVE_FLAGS:
+        serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
+    serve.set_defaults(func=run_serve)
+
+    client = subparsers.add_parser("client", help="call a running server",
+                                   description="Call a running genserve server. Exit codes: 0 success, "
+                                               "1 the server refused the call, 2 bad command line or file.")
+    commands = client.add_subparsers(dest="client_command", required=True, metavar="COMMAND")
+
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--host", default="127.0.0.1", help="server address, default 127.0.0.1")
+    conn.add_argument("--port", type=int, default=8500, help="server gRPC port, default 8500")
+    conn.add_argument("--timeout", type=float, default=60.0, help="deadline of the call in seconds")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", required=True, help="model name")
+    model.add_argument("--version", type=int, default=0, help="model version, default: the loaded one")
+    rows = argparse.ArgumentParser(add_help=False)
+    rows.add_argument("--input", required=True, type=Path, help="rows to send: .npy or .csv")
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--output", type=Path, help="where to write the result: .npy or .csv")
+
+    p = commands.add_parser("list", parents=[conn], help="models and their state")
+    p.set_defaults(func=client_list)
+    p = commands.add_parser("info", parents=[conn, model], help="one model's details")
+    p.add_argument("--json", action="store_true", help="print the full manifest as JSON")
+    p.set_defaults(func=client_info)
+    p = commands.add_parser("score", parents=[conn, model, rows, output], help="log-density per row")
+    p.set_defaults(func=client_score)
+    p = commands.add_parser("detect", parents=[conn, model, rows, output],
+                            help="anomaly score and flag per row (output columns: score, is_anomaly)")
+    choice = p.add_mutually_exclusive_group()
+    choice.add_argument("--threshold", type=float, help="flag rows whose score exceeds this")
+    choice.add_argument("--contamination", type=float, help="flag this held-out rate, in (0, 1)")
+    p.set_defaults(func=client_detect)
+    p = commands.add_parser("sample", parents=[conn, model, output], help="draw samples")
+    p.add_argument("--n", type=int, required=True, help="number of samples")
+    p.add_argument("--seed", type=int, default=0, help="seed of the server's noise, default 0")
+    p.add_argument("--label", type=int, help="class label for class-conditional models")
+    p.set_defaults(func=client_sample)
+    p = commands.add_parser("translate", parents=[conn, model, rows, output], help="map rows to the other domain")
+    p.add_argument("--direction", choices=("a2b", "b2a"), default="a2b", help="default a2b")
+    p.set_defaults(func=client_translate)
+
+
+# ---- serve ---------------------------------------------------------------------------------
+def run_serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from serving.config import Settings
+    from serving.server import serve_forever
+
+    overrides = {field: getattr(args, field) for field, *_ in _SERVE_FLAGS if getattr(args, field, None) is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e['input']!r})" for e in exc.errors()]
+        print("genserve serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
+        return EXIT_USAGE
+    if not settings.repo.is_dir():
+        print(f"genserve serve: --repo {settings.repo} is not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    return serve_forever(settings)
+
+
+# ---- client --------------------------------------------------------------------------------
+class UsageError(Exception):
+    """A local problem (file missing, unknown extension): exit code 2."""
+
+
+def read_rows(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise UsageError(f"--input {path}: no such file")
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+        if path.suffix == ".csv":
+            return np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float32)
+    except ValueError as exc:
+        raise UsageError(f"--input {path}: cannot read it: {exc}") from exc
+    raise UsageError(f"--input {path}: expected a .npy or .csv file")
+
+
+def write_array(path: Path | None, array: np.ndarray, header: str = "") -> str:
+    """Write ``array`` to ``path`` (.npy as is; .csv one row per line) and return ' -> path'."""
+    if path is None:
+        return ""
+    if path.suffix == ".npy":
+        np.save(path, array)
+    elif path.suffix == ".csv":
+        flat = array.reshape(len(array), -1) if array.ndim != 1 else array
+        np.savetxt(path, flat, delimiter=",", fmt="%.9g", header=header, comments="")
+    else:
+        raise UsageError(f"--output {path}: expected a .npy or .csv file")
+    return f" -> {path}"
+
+
+def _with_client(action: Callable[[Any, argparse.Namespace], str]) -> Callable[[argparse.Namespace], int]:
+    """Run ``action(client, args)``, print its summary; map errors to messages and exit codes."""
+
+    def run(args: argparse.Namespace) -> int:
+        from serving.client import ClientError, GenServeClient
+
+        if getattr(args, "output", None) is not None and args.output.suffix not in (".npy", ".csv"):
+            print(f"error: --output {args.output}: expected a .npy or .csv file", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            with GenServeClient(args.host, args.port, timeout=args.timeout) as client:
+                print(action(client, args))
+            return 0
+        except ClientError as exc:
+            print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+            return EXIT_RPC_ERROR
+        except UsageError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+
+    run.__name__ = action.__name__
+    return run
+
+
+@_with_client
+def client_list(client: Any, args: argparse.Namespace) -> str:
+    models = client.list_models()
+    header = ("NAME", "VERSION", "FAMILY", "STATE", "CAPABILITIES / REASON")
+    rows = [(m.name, str(m.version), m.family or "-", m.state,
+             ", ".join(m.capabilities) if m.state == "AVAILABLE" else m.reason) for m in models]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in [header, *rows]]
+    return "\n".join(lines) if rows else "no models in the repository"
+
+
+@_with_client
+def client_info(client: Any, args: argparse.Namespace) -> str:
+    import json
+
+    info = client.get_model(args.model, args.version)
+    s = info.summary
+    if args.json:
+        return json.dumps(info.manifest, indent=2)
+    lines = [f"{s.name} v{s.version} ({s.family or '-'}): {s.state}"]
+    if s.reason:
+        lines.append(f"  reason: {s.reason}")
+    if s.state == "AVAILABLE":
+        lines += [f"  capabilities: {', '.join(s.capabilities)}",
+                  f"  input: [N, {', '.join(map(str, info.input_shape))}] {info.input_dtype}",
+                  "  providers: " + ", ".join(f"{g}={p}" for g, p in sorted(info.providers.items()))]
+        anomaly = info.manifest.get("anomaly")
+        if anomaly:
+            lines.append(f"  anomaly threshold: {anomaly['threshold']:.6g} at contamination "
+                         f"{anomaly['contamination']:g} ({anomaly['method']})")
+        for key, value in sorted(info.manifest.get("metrics", {}).items()):
+            lines.append(f"  {key}: {value:.6g}")
+    return "\n".join(lines)
+
+
+@_with_client
+def client_score(client: Any, args: argparse.Namespace) -> str:
+    log_p = client.score(args.model, read_rows(args.input), args.version)
+    where = write_array(args.output, log_p, "log_prob")
+    finite = log_p[np.isfinite(log_p)]
+    stats = (f"mean {finite.mean():.4f}, min {log_p.min():.4f}, max {log_p.max():.4f}" if len(finite)
+             else "no finite value")
+    return f"scored {len(log_p)} rows with {args.model}: log p {stats}{where}"
+
+
+@_with_client
+def client_detect(client: Any, args: argparse.Namespace) -> str:
+    found = client.detect(args.model, read_rows(args.input), args.threshold, args.contamination, args.version)
+    table = np.column_stack([found.score.astype(np.float64), found.is_anomaly.astype(np.float64)])
+    where = write_array(args.output, table, "score,is_anomaly")
+    count = int(found.is_anomaly.sum())
+    return (f"{count} of {len(found.score)} rows are anomalies ({count / len(found.score):.1%}) at threshold "
+            f"{found.threshold:.6g} ({found.threshold_source}){where}")
+
+
+@_with_client
+def client_sample(client: Any, args: argparse.Namespace) -> str:
+    samples = client.sample(args.model, args.n, args.seed, args.label, args.version)
+    where = write_array(args.output, samples)
+    text = f"drew {len(samples)} samples of shape {list(samples.shape[1:])} from {args.model} (seed {args.seed}){where}"
+    if args.output is None:
+        text += "\n" + np.array2string(samples[:5], precision=4)
+    return text
+
+
+@_with_client
+def client_translate(client: Any, args: argparse.Namespace) -> str:
+    y = client.translate(args.model, read_rows(args.input), args.direction, args.version)
+    where = write_array(args.output, y)
+    return f"translated {len(y)} rows {args.direction} with {args.model} to shape {list(y.shape[1:])}{where}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.cli", description="genserve serving commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

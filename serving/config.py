@@ -1,0 +1,133 @@
+"""Server settings: one pydantic-settings model read from ``GENSERVE_*`` variables and CLI flags.
+
+Why one model: the CLI, ``genserve demo``, the tests and a Kubernetes ConfigMap all configure
+the server the same way, and a bad value fails at start-up with the field name and what was
+expected instead of surfacing as a confusing runtime error. Explicit keyword arguments (the CLI
+flags) take precedence over the environment, which takes precedence over the defaults.
+
+Thread defaults, and why. A request runs its graphs on one of ``worker_threads`` executor
+threads; each onnxruntime session may use ``intra_op_threads`` threads inside one run. Their
+product is the number of CPU threads computing at once, so it should not exceed the cores:
+oversubscribed onnxruntime pools spin-wait against each other and throughput drops. The graphs
+served here are small (a matrix product, a distance matrix) and requests are many, so
+parallelism *across* requests wins: ``intra_op_threads=1`` (no per-session pool at all, which
+also matters because every graph of every model owns a session) and ``worker_threads`` = the
+number of cores. A deployment serving few large requests (a kernel density on many rows) may
+prefer ``worker_threads=1, intra_op_threads=<cores>``. On GPU the CUDA provider does the work
+and these matter little.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+PREFERRED_PROVIDERS = (CUDA, CPU)
+MIB = 1024 * 1024
+
+
+def available_providers() -> list[str]:
+    """Execution providers this onnxruntime build offers (not proof that a GPU is present)."""
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
+
+
+def default_providers() -> list[str]:
+    """CUDA then CPU, keeping those the build offers.
+
+    onnxruntime-gpu offers CUDA even on a machine without a GPU or CUDA libraries; the session
+    then falls back to CPU. The runtime reports the provider a session really got
+    (``session.get_providers()``), so the default may safely ask for CUDA.
+    """
+    offered = set(available_providers())
+    return [p for p in PREFERRED_PROVIDERS if p in offered] or [CPU]
+
+
+def _default_workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Everything the server needs; see the module docstring for the thread defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="GENSERVE_", extra="forbid", validate_default=True)
+
+    repo: Path = Field(default=Path("model-repo"), description="model repository: <repo>/<name>/<version>/")
+    host: str = Field(default="127.0.0.1", min_length=1, description="address the gRPC server binds")
+    port: int = Field(default=8500, ge=0, le=65535, description="gRPC port; 0 picks a free port")
+    metrics_host: str | None = Field(default=None, description="address of the metrics endpoint; default: host")
+    metrics_port: int = Field(default=9100, ge=0, le=65535, description="Prometheus port; 0 picks a free port")
+    providers: Annotated[list[str], NoDecode] = Field(
+        default_factory=default_providers,
+        description="onnxruntime execution providers in order of preference (comma-separated in the env)")
+    cuda_device_id: int = Field(default=0, ge=0, description="GPU used by the CUDA provider")
+    intra_op_threads: int = Field(default=1, ge=0, description="threads inside one session run; 0 = onnxruntime's default")
+    inter_op_threads: int = Field(default=1, ge=0, description="threads across independent graph nodes; 0 = default")
+    worker_threads: int = Field(default_factory=_default_workers, ge=1,
+                                description="executor threads running sessions concurrently")
+    max_concurrent_rpcs: int = Field(default=1024, ge=1,
+                                     description="RPCs accepted at once; more are refused with RESOURCE_EXHAUSTED")
+    max_message_bytes: int = Field(default=64 * MIB, ge=MIB, le=2**31 - 1,
+                                   description="largest gRPC message sent or received")
+    max_rows_per_request: int = Field(default=1_000_000, ge=1, description="rows in one request's tensor")
+    max_sample_count: int = Field(default=100_000, ge=1, description="largest n of one Sample request")
+    chunk_rows: int = Field(default=4096, ge=1,
+                            description="rows per session run; bounds e.g. a kernel density's N x n distance matrix")
+    drain_seconds: float = Field(default=20.0, ge=0.0, description="grace for in-flight requests on SIGTERM")
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("expected at least one execution provider, e.g. CPUExecutionProvider")
+        offered = available_providers()
+        unknown = [p for p in value if p not in offered]
+        if unknown:
+            raise ValueError(f"{unknown} not offered by this onnxruntime build; expected some of {offered}")
+        if len(set(value)) != len(value):
+            raise ValueError(f"expected each provider once, got {value}")
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            if value not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+                raise ValueError(f"expected DEBUG, INFO, WARNING, ERROR or CRITICAL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> "Settings":
+        if self.port and self.port == self.metrics_port and (self.metrics_host or self.host) == self.host:
+            raise ValueError(f"port and metrics_port must differ, both are {self.port}")
+        return self
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_host or self.host
+
+    @property
+    def log_level_number(self) -> int:
+        return logging.getLevelName(self.log_level)
+
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """Channel options shared by the server and the client: message size limits both ways."""
+        return [("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes)]

@@ -1,0 +1,152 @@
+"""Prometheus metrics of one server (DESIGN.md §5), on their own registry and HTTP port.
+
+Why a registry per server and not the global one: several servers in one process (the tests,
+an embedding application) would otherwise collide on metric names. Why label values are
+bounded: the ``model`` label of a request naming an unknown model is ``_unknown``, so a client
+sending random names cannot grow the series without limit; ``method`` is one of the RPC names
+and ``code`` a gRPC status code name.
+
+``genserve_anomaly_score`` is observed once per row, up to a million rows per request; calling
+``Histogram.observe`` per row would cost seconds, so it is a small collector that bins a whole
+batch with NumPy and exposes a standard histogram. Non-finite scores (zero density: +inf) land
+in the ``+Inf`` bucket and are left out of ``_sum`` so that the mean stays usable.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Iterable, Iterator
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import Metric
+from prometheus_client.utils import floatToGoString
+
+UNKNOWN_MODEL = "_unknown"
+METHODS = ("ListModels", "GetModel", "ScoreDensity", "DetectAnomalies", "Sample", "Translate")
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
+# -log p in nats: negative for densities above 1 (e.g. scaled images), large for outliers.
+SCORE_BUCKETS = (-1000.0, -500.0, -200.0, -100.0, -50.0, -20.0, -10.0, -5.0, -2.0, 0.0, 2.0, 5.0,
+                 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+
+
+class BatchHistogram:
+    """A labelled histogram that takes a whole NumPy array per observation."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: Iterable[float],
+                 registry: CollectorRegistry):
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.bounds = np.asarray(sorted(buckets), dtype=np.float64)
+        self._series: dict[tuple[str, ...], list] = {}  # labels -> [counts per bucket + inf, sum]
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe(self, labels: tuple[str, ...], values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64).ravel()
+        values = values[~np.isnan(values)]
+        # Bucket i counts values <= bounds[i]; the last slot is +Inf.
+        counts = np.bincount(np.searchsorted(self.bounds, values, side="left"), minlength=len(self.bounds) + 1)
+        finite = values[np.isfinite(values)]
+        with self._lock:
+            series = self._series.setdefault(labels, [np.zeros(len(self.bounds) + 1, dtype=np.int64), 0.0])
+            series[0] += counts
+            series[1] += float(finite.sum())
+
+    def describe(self) -> list[Metric]:
+        return [Metric(self.name, self.documentation, "histogram")]
+
+    def collect(self) -> Iterator[Metric]:
+        metric = Metric(self.name, self.documentation, "histogram")
+        with self._lock:
+            snapshot = [(labels, counts.copy(), total) for labels, (counts, total) in self._series.items()]
+        for labels, counts, total in snapshot:
+            base = dict(zip(self.labelnames, labels))
+            cumulative = np.cumsum(counts)
+            for bound, value in zip([*self.bounds, float("inf")], cumulative):
+                metric.add_sample(f"{self.name}_bucket", {**base, "le": floatToGoString(bound)}, float(value))
+            metric.add_sample(f"{self.name}_count", base, float(cumulative[-1]))
+            metric.add_sample(f"{self.name}_sum", base, total)
+        yield metric
+
+
+class Metrics:
+    """The metrics of DESIGN.md §5; also the runtime's ``RunObserver`` (queue and run timings)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("genserve_requests_total", "RPCs handled, by method, model and status code",
+                                ["method", "model", "code"], registry=r)
+        self.request_duration = Histogram("genserve_request_duration_seconds", "RPC latency, arrival to answer",
+                                          ["method", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram("genserve_inference_duration_seconds", "one onnxruntime session run",
+                                            ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("genserve_queue_duration_seconds",
+                                        "request arrival to its first session run of a graph (executor queue)",
+                                        ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("genserve_batch_rows", "rows per session run", ["model", "graph"],
+                                    buckets=ROW_BUCKETS, registry=r)
+        self.rows = Counter("genserve_rows_total", "rows scored, detected, sampled or translated",
+                            ["method", "model"], registry=r)
+        self.anomaly_score = BatchHistogram("genserve_anomaly_score", "anomaly scores (-log p) of detected rows",
+                                            ("model",), SCORE_BUCKETS, r)
+        self.anomalies = Counter("genserve_anomalies_total", "rows flagged as anomalies", ["model"], registry=r)
+        self.model_info = Gauge("genserve_model_info", "loaded model version, family and execution provider",
+                                ["model", "version", "family", "provider"], registry=r)
+        self.model_load = Gauge("genserve_model_load_seconds", "time to load and warm up a model", ["model"],
+                                registry=r)
+        self._known: frozenset[str] = frozenset()
+        self._http = None
+        self._thread: threading.Thread | None = None
+
+    # ---- label hygiene -------------------------------------------------------------------
+    def set_known_models(self, names: Iterable[str]) -> None:
+        self._known = frozenset(names)
+
+    def model_label(self, name: str) -> str:
+        return name if name in self._known else UNKNOWN_MODEL
+
+    # ---- recording -----------------------------------------------------------------------
+    def model_loaded(self, name: str, version: int, family: str, provider: str, seconds: float) -> None:
+        self.model_info.labels(name, str(version), family, provider).set(1)
+        self.model_load.labels(name).set(seconds)
+
+    def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
+        label = self.model_label(model) if model else ""
+        self.requests.labels(method, label, code).inc()
+        self.request_duration.labels(method, label).observe(seconds)
+
+    def rows_done(self, method: str, model: str, rows: int) -> None:
+        self.rows.labels(method, self.model_label(model)).inc(rows)
+
+    def anomalies_detected(self, model: str, scores: np.ndarray, flags: np.ndarray) -> None:
+        label = self.model_label(model)
+        self.anomaly_score.observe((label,), scores)
+        self.anomalies.labels(label).inc(int(np.count_nonzero(flags)))
+
+    # RunObserver
+    def queued(self, model: str, graph: str, seconds: float) -> None:
+        self.queue_duration.labels(self.model_label(model), graph).observe(seconds)
+
+    def ran(self, model: str, graph: str, rows: int, seconds: float) -> None:
+        label = self.model_label(model)
+        self.inference_duration.labels(label, graph).observe(seconds)
+        self.batch_rows.labels(label, graph).observe(rows)
+
+    # ---- exposition ----------------------------------------------------------------------
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (``/metrics``) in a daemon thread; return the bound port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,68 @@
+"""What one request carries into the session runs it causes: its clock, deadline and observer.
+
+The gRPC servicer creates a ``RunContext`` when a request arrives and hands it down through the
+model operation to every session run. It lets the runtime
+
+* measure the queueing delay (arrival to the first session start of each graph), which is the
+  time a request waited for an executor thread;
+* stop between chunks of a large request once the client's deadline has passed or the client
+  has cancelled, so abandoned work does not keep a worker busy;
+* report each run (rows, seconds) to the metrics without the runtime importing Prometheus.
+
+Plain NumPy callers (tests, notebooks) pass no context and get none of this.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from serving.models.errors import Cancelled, DeadlineExceeded
+
+
+class RunObserver(Protocol):
+    def queued(self, model: str, graph: str, seconds: float) -> None: ...
+
+    def ran(self, model: str, graph: str, rows: int, seconds: float) -> None: ...
+
+
+@dataclass
+class RunContext:
+    model: str = ""
+    arrived: float = field(default_factory=time.monotonic)
+    # Monotonic time after which the client no longer waits; None = no deadline.
+    deadline: float | None = None
+    observer: RunObserver | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _queued: set[str] = field(default_factory=set)
+
+    @classmethod
+    def with_timeout(cls, model: str, seconds: float | None, observer: RunObserver | None = None) -> "RunContext":
+        now = time.monotonic()
+        return cls(model=model, arrived=now, deadline=None if seconds is None else now + seconds,
+                   observer=observer)
+
+    def check(self) -> None:
+        """Raise if the work should stop: the client cancelled or its deadline passed."""
+        if self.cancelled.is_set():
+            raise Cancelled("the client cancelled the request")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise DeadlineExceeded("deadline exceeded before the request finished; "
+                                   "send fewer rows or a longer deadline")
+
+    def starting(self, graph: str) -> float:
+        """Called just before a session run; returns the start time."""
+        self.check()
+        now = time.monotonic()
+        if graph not in self._queued:
+            self._queued.add(graph)
+            if self.observer is not None:
+                self.observer.queued(self.model, graph, now - self.arrived)
+        return now
+
+    def finished(self, graph: str, rows: int, started: float) -> None:
+        if self.observer is not None:
+            self.observer.ran(self.model, graph, rows, time.monotonic() - started)
+

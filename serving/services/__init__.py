@@ -1,0 +1,1 @@
+"""gRPC servicers: translate between the wire and ``serving.models``; nothing else."""
