@@ -1,0 +1,201 @@
+"""Shared helpers for the benchmark scripts: machine info, Markdown tables, JSON results, timing.
+
+Imported by every ``bench/<name>.py`` (run as ``python bench/<name>.py`` from the repository
+root, which puts ``bench/`` on ``sys.path``). Running this file itself does nothing but print
+the machine description, so ``make bench`` (which runs every ``bench/*.py``) is unaffected.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+_PACKAGES = ("numpy", "scipy", "torch", "onnxruntime-gpu", "onnxruntime", "onnx", "scikit-learn", "pyod",
+             "grpcio", "protobuf", "genserve")
+
+
+# ---- what the digits benchmarks fit -------------------------------------------------------------
+# Parameters each registry family is created with on digits (D1, fit cost): the families' own
+# searches, all on the training rows only ("cv" bandwidth, "auto" k, "auto" components).
+DIGITS_FAMILY_PARAMS: dict[str, dict[str, Any]] = {
+    "gaussian": {},
+    "histogram": {"bins": "auto"},
+    "kde": {"kernel": "gaussian", "bandwidth": "cv"},
+    "knn": {"k": "auto"},
+    "gmm": {"n_components": "auto", "covariance_type": "auto"},
+}
+HISTOGRAM_NA = "n/a — histograms are for d ≤ 3"
+
+
+# ---- machine and software ----------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and with what a result was measured: CPU, cores, memory, versions, date, commit."""
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = None
+    info: dict[str, Any] = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": affinity,
+        "memory_gib": _memory_gib(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {p: v for p in _PACKAGES if (v := _version(p)) is not None},
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    if "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda_available"] = bool(torch.cuda.is_available())
+    return info
+
+
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    info = info or machine_info()
+    v = info["versions"]
+    ort = v.get("onnxruntime-gpu") or v.get("onnxruntime")
+    return (f"{info['cpu_model']}, {info['cpus_usable'] or info['cpu_count']} cores, {info['memory_gib']} GiB; "
+            f"python {info['python']}, torch {v.get('torch')}, onnxruntime {ort}, "
+            f"scikit-learn {v.get('scikit-learn')}, pyod {v.get('pyod')}; {info['date_utc']}; "
+            f"commit {(info['git_commit'] or '?')[:10]}{' (dirty)' if info['git_dirty'] else ''}")
+
+
+# ---- tables --------------------------------------------------------------------------------------
+def fmt(value: Any, digits: int = 2) -> str:
+    """A table cell: floats to ``digits`` decimals, infinities spelled out, None as an en dash."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "+inf" if value > 0 else "−inf"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def fmt_sci(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.{digits}e}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; cells that are not strings go through ``fmt``."""
+    def cell(v: Any) -> str:
+        return (v if isinstance(v, str) else fmt(v)).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join("---" for _ in headers) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    print(f"\n### {title}\n")
+    print(markdown_table(headers, rows))
+    sys.stdout.flush()
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr so that stdout holds only the tables."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- results -------------------------------------------------------------------------------------
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist"):  # numpy scalars and arrays, torch tensors
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no inf/nan: "inf", "-inf", "nan"
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_results(name: str, results: dict[str, Any], info: dict[str, Any] | None = None) -> Path:
+    """Write ``bench/results/<name>.json`` atomically, with the machine description."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    payload = {"benchmark": name, "machine": info or machine_info(), **results}
+    tmp.write_text(json.dumps(_jsonable(payload), indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    print(f"\nResults written to {path.relative_to(REPO_ROOT)}")
+    return path
+
+
+# ---- timing --------------------------------------------------------------------------------------
+def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> tuple[dict[str, Any], Any]:
+    """Run ``fn`` ``warmup`` + ``repeats`` times; return timing stats (seconds) and the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "runs_s": times, "repeats": repeats, "warmup": warmup}, result
+
+
+if __name__ == "__main__":
+    print(machine_line())

@@ -1,0 +1,187 @@
+"""Fit cost: wall time and peak memory to fit each genserve family on digits, and to build the
+demo repository (``training.demo.build_demo_repository`` into a temporary folder).
+
+Method. Every measurement runs in a fresh child process (this script re-invoked with
+``--child-family NAME`` or ``--child-demo DIR``), so one fit's memory cannot hide behind
+another's. Inside the child:
+
+* baseline RSS = ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after importing torch, scikit-learn
+  and genserve's training package and loading the data (the interpreter's own footprint);
+* the fit (or the demo build) is timed with ``time.perf_counter``;
+* peak RSS = ``ru_maxrss`` afterwards, the process's high-water mark (Linux: KiB; reported in
+  MiB). ``peak - baseline`` is the extra memory the fit needed above what was already resident.
+
+The parent also reads ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` after each child as a
+cross-check (it is the largest child so far, so it only ever grows). Fit timings are medians of
+``--repeats`` children; peaks are the largest of them. Families are created exactly as in D1
+(their own searches: KDE "cv", kNN k="auto", GMM "auto"); torch uses its default threads.
+
+    python bench/fit_cost.py [--repeats 3] [--families gaussian,kde] [--skip-demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import DIGITS_FAMILY_PARAMS, HISTOGRAM_NA, REPO_ROOT, log, machine_info, machine_line, print_table, \
+    write_results
+
+MIB_PER_KIB = 1 / 1024
+
+
+def _rss_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def child_family(name: str) -> dict[str, Any]:
+    import warnings
+
+    import torch
+    from training import datasets, registry
+
+    data = datasets.digits()
+    spec = registry.get(name)
+    estimator = spec.create(**DIGITS_FAMILY_PARAMS.get(name, {}))
+    baseline = _rss_kib()
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            estimator.fit(data.X_train)
+    except ValueError as refused:
+        return {"status": "n/a" if name == "histogram" else "error", "note": str(refused),
+                "baseline_kib": baseline, "peak_kib": _rss_kib()}
+    fit_s = time.perf_counter() - started
+    chosen = estimator.fitted_params()
+    keys = [o.param for o in spec.options]
+    shown = {k: chosen[k] for k in keys if k in chosen}
+    if "bandwidth_" in chosen:
+        shown["bandwidth"] = chosen["bandwidth_"]
+    return {"status": "ok", "fit_s": fit_s, "baseline_kib": baseline, "peak_kib": _rss_kib(),
+            "chosen": shown, "torch_threads": torch.get_num_threads()}
+
+
+def child_demo(folder: str) -> dict[str, Any]:
+    import torch  # noqa: F401  (imported before the baseline, like the family children)
+    from training.demo import DEMO_MODELS, build_demo_repository
+
+    baseline = _rss_kib()
+    started = time.perf_counter()
+    built = build_demo_repository(Path(folder), log=lambda line: print(line, file=sys.stderr, flush=True))
+    elapsed = time.perf_counter() - started
+    size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    return {"status": "ok", "build_s": elapsed, "baseline_kib": baseline, "peak_kib": _rss_kib(),
+            "models": built, "n_models": len(DEMO_MODELS), "repo_bytes": size}
+
+
+def run_child(args: list[str]) -> tuple[dict[str, Any], float, int]:
+    """Run this script as a child; return its JSON answer, its wall time, RUSAGE_CHILDREN maxrss."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], cwd=REPO_ROOT,
+                          stdout=subprocess.PIPE, stderr=None, text=True)
+    wall = time.perf_counter() - started
+    children_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if proc.returncode != 0:
+        return {"status": "error", "note": f"child exited with {proc.returncode}"}, wall, children_kib
+    return json.loads(proc.stdout.strip().splitlines()[-1]), wall, children_kib
+
+
+def mib(kib: float | None) -> float | None:
+    return None if kib is None else kib * MIB_PER_KIB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default=None, help="comma-separated (default: every registered family)")
+    parser.add_argument("--repeats", type=int, default=3, help="children per family (median time, max peak)")
+    parser.add_argument("--demo-repeats", type=int, default=1, help="demo builds (each from empty)")
+    parser.add_argument("--skip-demo", action="store_true")
+    parser.add_argument("--name", default="fit_cost", help="results file stem")
+    parser.add_argument("--child-family", help=argparse.SUPPRESS)
+    parser.add_argument("--child-demo", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child_family:
+        print(json.dumps(child_family(args.child_family)))
+        return
+    if args.child_demo:
+        print(json.dumps(child_demo(args.child_demo)))
+        return
+
+    from training import registry
+
+    info = machine_info()
+    families = [f.strip() for f in (args.families or ",".join(registry.FAMILIES)).split(",") if f.strip()]
+    rows: list[dict[str, Any]] = []
+    for name in families:
+        runs = []
+        for i in range(args.repeats):
+            log(f"fit {name} ({i + 1}/{args.repeats}) ...")
+            answer, wall, children_kib = run_child(["--child-family", name])
+            answer.update(child_wall_s=wall, rusage_children_kib=children_kib)
+            runs.append(answer)
+            if answer["status"] != "ok":
+                break  # refused or failed: once is enough
+        ok = [r for r in runs if r["status"] == "ok"]
+        row: dict[str, Any] = {"what": f"fit {name} on digits", "family": name, "runs": runs,
+                               "status": runs[-1]["status"]}
+        if ok:
+            row.update(seconds=statistics.median(r["fit_s"] for r in ok),
+                       baseline_mib=mib(max(r["baseline_kib"] for r in ok)),
+                       peak_mib=mib(max(r["peak_kib"] for r in ok)),
+                       extra_mib=mib(max(r["peak_kib"] - r["baseline_kib"] for r in ok)),
+                       chosen=ok[-1]["chosen"], repeats=len(ok))
+        else:
+            row["note"] = (f"{HISTOGRAM_NA} ({runs[-1].get('note', '')})" if name == "histogram"
+                           else runs[-1].get("note", ""))
+        rows.append(row)
+
+    if not args.skip_demo:
+        runs = []
+        for i in range(args.demo_repeats):
+            with tempfile.TemporaryDirectory(prefix="genserve-demo-") as tmp:
+                log(f"build the demo repository ({i + 1}/{args.demo_repeats}) into {tmp} ...")
+                answer, wall, children_kib = run_child(["--child-demo", str(Path(tmp) / "repo")])
+            answer.update(child_wall_s=wall, rusage_children_kib=children_kib)
+            runs.append(answer)
+        ok = [r for r in runs if r["status"] == "ok"]
+        row = {"what": "build the demo repository", "family": "demo", "runs": runs, "status": runs[-1]["status"]}
+        if ok:
+            row.update(seconds=statistics.median(r["build_s"] for r in ok),
+                       baseline_mib=mib(max(r["baseline_kib"] for r in ok)),
+                       peak_mib=mib(max(r["peak_kib"] for r in ok)),
+                       extra_mib=mib(max(r["peak_kib"] - r["baseline_kib"] for r in ok)),
+                       chosen={"models": ok[-1]["n_models"], "repo MiB": round(ok[-1]["repo_bytes"] / 2**20, 1)},
+                       repeats=len(ok))
+        else:
+            row["note"] = runs[-1].get("note", "")
+        rows.append(row)
+
+    print(f"## Fit cost — time and peak memory (fresh child process each)\n\n{machine_line(info)}\n\n"
+          "Peak = ru_maxrss of the child (RUSAGE_SELF) after the fit; baseline = the same before it, after "
+          "imports and data loading; extra = peak − baseline. Time = median over children of the fit "
+          "alone (perf_counter), imports excluded.")
+    print_table("digits (1,257 training rows, 64 dimensions); demo = every model of training.demo.DEMO_MODELS",
+                ["what", "chosen", "seconds (median)", "runs", "baseline RSS MiB", "peak RSS MiB", "extra MiB",
+                 "note"],
+                [[r["what"], ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                       for k, v in r.get("chosen", {}).items()) or "–",
+                  f"{r['seconds']:.2f}" if "seconds" in r else r["status"], r.get("repeats", "–"),
+                  f"{r['baseline_mib']:.0f}" if "baseline_mib" in r else "–",
+                  f"{r['peak_mib']:.0f}" if "peak_mib" in r else "–",
+                  f"{r['extra_mib']:.0f}" if "extra_mib" in r else "–", r.get("note", "")] for r in rows])
+    write_results(args.name, {"method": "fresh child process per measurement; ru_maxrss (RUSAGE_SELF) in the "
+                                        "child before and after; RUSAGE_CHILDREN in the parent as cross-check",
+                              "rows": rows}, info)
+
+
+if __name__ == "__main__":
+    main()
