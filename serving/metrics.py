@@ -14,11 +14,14 @@ in the ``+Inf`` bucket and are left out of ``_sum`` so that the mean stays usabl
 
 from __future__ import annotations
 
+import socket
 import threading
+from socketserver import ThreadingMixIn
 from typing import Iterable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
@@ -31,6 +34,15 @@ ROW_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576)
 # -log p in nats: negative for densities above 1 (e.g. scaled images), large for outliers.
 SCORE_BUCKETS = (-1000.0, -500.0, -200.0, -100.0, -50.0, -20.0, -10.0, -5.0, -2.0, 0.0, 2.0, 5.0,
                  10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
+
+
+class _MetricsHTTPServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # scrapes every few seconds: no access log
+        pass
 
 
 class BatchHistogram:
@@ -138,8 +150,18 @@ class Metrics:
 
     # ---- exposition ----------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:
-        """Start the HTTP endpoint (``/metrics``) in a daemon thread; return the bound port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the HTTP endpoint (``/metrics``) in a daemon thread; return the bound port.
+
+        Like ``prometheus_client.start_http_server``, but polling for shutdown every 50 ms
+        rather than 500 ms, so that stopping a server (and every test) does not wait half a second.
+        """
+        server_class = type("MetricsServer", (_MetricsHTTPServer,),
+                            {"address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+        self._http = make_server(host.strip("[]"), port, make_wsgi_app(self.registry), server_class,
+                                 handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._http.serve_forever, kwargs={"poll_interval": 0.05},
+                                        name="genserve-metrics", daemon=True)
+        self._thread.start()
         return int(self._http.server_port)
 
     def close(self) -> None:

@@ -75,7 +75,8 @@ def check_rows(x: np.ndarray, row_shape: list[int] | tuple[int, ...], dtype: str
     if np.issubdtype(x.dtype, np.floating):
         _check_finite(x, field, "")
         if x.dtype.name != dtype:
-            x = x.astype(dtype)
+            with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
+                x = x.astype(dtype)
             _check_finite(x, field, f" (a {x.dtype.name} overflow of a float64 value)")
     return np.ascontiguousarray(x, dtype=dtype)
 

@@ -171,7 +171,7 @@ def load_repository(path: Path, factory: SessionFactory) -> Repository:
         except ModelLoadError as exc:
             family = _family_or_empty(path / name / str(version))
             repository.unavailable[name] = UnavailableModel(name, version, str(exc), family)
-            log.warning("model %s version %d is unavailable: %s", name, version, exc)
+            log.debug("model %s version %d is unavailable: %s", name, version, exc)
     return repository
 
 

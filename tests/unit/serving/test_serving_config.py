@@ -1,0 +1,53 @@
+"""Settings: defaults, environment and explicit overrides, validation messages."""
+
+from __future__ import annotations
+
+import onnxruntime
+import pytest
+from pydantic import ValidationError
+
+from serving.config import CPU, Settings, default_providers
+
+
+def test_defaults(monkeypatch):
+    for key in list(__import__("os").environ):
+        if key.startswith("GENSERVE_"):
+            monkeypatch.delenv(key)
+    s = Settings()
+    assert (s.host, s.port, s.metrics_port) == ("127.0.0.1", 8500, 9100)
+    assert s.max_message_bytes == 64 * 1024 * 1024
+    assert s.intra_op_threads == 1 and s.worker_threads >= 1
+    assert s.providers == default_providers()
+    assert s.providers[-1] == CPU and set(s.providers) <= set(onnxruntime.get_available_providers())
+    assert s.metrics_address == s.host
+    assert ("grpc.max_receive_message_length", s.max_message_bytes) in s.grpc_options()
+
+
+def test_environment_then_explicit_values(monkeypatch, tmp_path):
+    monkeypatch.setenv("GENSERVE_REPO", str(tmp_path))
+    monkeypatch.setenv("GENSERVE_PORT", "1234")
+    monkeypatch.setenv("GENSERVE_PROVIDERS", "CPUExecutionProvider")
+    monkeypatch.setenv("GENSERVE_LOG_LEVEL", "debug")
+    s = Settings()
+    assert (s.repo, s.port, s.providers, s.log_level) == (tmp_path, 1234, [CPU], "DEBUG")
+    assert Settings(port=4321).port == 4321  # a CLI flag beats the environment
+
+
+@pytest.mark.parametrize("overrides, field, phrase", [
+    ({"providers": "NoSuchExecutionProvider"}, "providers", "not offered by this onnxruntime build"),
+    ({"providers": ""}, "providers", "at least one execution provider"),
+    ({"providers": "CPUExecutionProvider,CPUExecutionProvider"}, "providers", "each provider once"),
+    ({"port": 70000}, "port", "less than or equal to 65535"),
+    ({"metrics_port": -1}, "metrics_port", "greater than or equal to 0"),
+    ({"port": 9000, "metrics_port": 9000}, "", "port and metrics_port must differ"),
+    ({"log_level": "LOUD"}, "log_level", "expected DEBUG, INFO"),
+    ({"max_rows_per_request": 0}, "max_rows_per_request", "greater than or equal to 1"),
+    ({"max_message_bytes": 10}, "max_message_bytes", "greater than or equal to"),
+    ({"drain_seconds": -1}, "drain_seconds", "greater than or equal to 0"),
+    ({"no_such_setting": 1}, "no_such_setting", "Extra inputs are not permitted"),
+])
+def test_invalid_settings_name_the_field(overrides, field, phrase):
+    with pytest.raises(ValidationError) as info:
+        Settings(**overrides)
+    text = str(info.value)
+    assert field in text and phrase in text, text
