@@ -161,7 +161,7 @@ def _with_client(action: Callable[[Any, argparse.Namespace], str]) -> Callable[[
         except ClientError as exc:
             print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
             return EXIT_RPC_ERROR
-        except UsageError as exc:
+        except (UsageError, ValueError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_USAGE
 

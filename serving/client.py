@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from serving.api import genserve_pb2 as pb
 from serving.api import genserve_pb2_grpc as pb_grpc
+from serving.models.errors import ServingError
 from serving.services.tensors import DTYPE_NAMES, decode, encode
 
 DEFAULT_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -61,6 +62,14 @@ class Detection:
     is_anomaly: np.ndarray  # bool [N]
     threshold_source: str
     model_version: int = 0
+
+
+def _tensor(x: np.ndarray) -> pb.Tensor:
+    """Encode ``x``; a dtype the wire cannot carry (complex, object, ...) is a local ValueError."""
+    try:
+        return encode(np.asarray(x))
+    except ServingError as exc:
+        raise ValueError(f"x: {exc.message}") from None
 
 
 def _summary(m: pb.ModelSummary) -> ModelSummary:
@@ -114,12 +123,12 @@ class GenServeClient:
 
     def score(self, name: str, x: np.ndarray, version: int = 0, timeout: float | None = None) -> np.ndarray:
         """log p(x) per row, float32 [N]."""
-        request = pb.ScoreDensityRequest(model=pb.ModelRef(name=name, version=version), x=encode(x))
+        request = pb.ScoreDensityRequest(model=pb.ModelRef(name=name, version=version), x=_tensor(x))
         return decode(self._invoke(self.stub.ScoreDensity, request, timeout).log_prob, "log_prob").copy()
 
     def detect(self, name: str, x: np.ndarray, threshold: float | None = None,
                contamination: float | None = None, version: int = 0) -> Detection:
-        request = pb.DetectAnomaliesRequest(model=pb.ModelRef(name=name, version=version), x=encode(x))
+        request = pb.DetectAnomaliesRequest(model=pb.ModelRef(name=name, version=version), x=_tensor(x))
         if threshold is not None:
             request.threshold = threshold
         if contamination is not None:
@@ -139,6 +148,6 @@ class GenServeClient:
         directions = {"a2b": pb.DIRECTION_A2B, "b2a": pb.DIRECTION_B2A}
         if direction not in directions:
             raise ValueError(f"direction: expected 'a2b' or 'b2a', got {direction!r}")
-        request = pb.TranslateRequest(model=pb.ModelRef(name=name, version=version), x=encode(x),
+        request = pb.TranslateRequest(model=pb.ModelRef(name=name, version=version), x=_tensor(x),
                                       direction=directions[direction])
         return decode(self._invoke(self.stub.Translate, request).y, "y").copy()

@@ -163,8 +163,9 @@ class GenerativeServicer(pb_grpc.GenerativeServiceServicer):
             model = repo.get(ref.name, ref.version)
             direction = _DIRECTIONS.get(request.direction)
             if direction is None:
-                raise InvalidArgument(f"direction: expected DIRECTION_A2B or DIRECTION_B2A, got "
-                                      f"{pb.Direction.Name(request.direction) if request.direction in pb.Direction.values() else request.direction}")
+                given = request.direction
+                name = pb.Direction.Name(given) if given in pb.Direction.values() else str(given)
+                raise InvalidArgument(f"direction: expected DIRECTION_A2B or DIRECTION_B2A, got {name}")
             x = decode(request.x, "x")
             y = models.translate(model, x, direction, limits=self.limits, ctx=ctx)
             self.metrics.rows_done("Translate", model.name, len(y))
