@@ -138,3 +138,12 @@ def test_client_list_info_detect_sample_translate(port, serving_repo, tmp_path):
                     str(tmp_path / "t.npy"), "--direction", "a2b", "--output", str(tmp_path / "y.npy"))
     assert translate.returncode == 0, translate.stderr
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.full((2, 3), 3.0))
+
+
+def test_top_level_genserve_entry_runs_the_serving_commands(port):
+    """``genserve client ...`` through genserve/cli.py, which calls ``serving.cli.register``."""
+    pytest.importorskip("genserve.cli")
+    result = subprocess.run([sys.executable, "-m", "genserve", "client", "list", "--port", port],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"grid25-gaussian\s+2\s+gaussian\s+AVAILABLE", result.stdout)
