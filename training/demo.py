@@ -17,7 +17,7 @@ from training.pipeline import train_and_publish
 DEMO_MODELS: dict[str, tuple[str, str, dict]] = {
     "digits-gaussian": ("gaussian", "digits", {}),
     "digits-kde": ("kde", "digits", {"kernel": "gaussian", "bandwidth": "cv"}),
-    "digits-knn": ("knn", "digits", {"k": "auto"}),
+    "digits-knn": ("knn", "digits", {"k": 5}),
     "digits-gmm": ("gmm", "digits", {"n_components": "auto", "covariance_type": "auto"}),
     "grid25-histogram": ("histogram", "grid25", {"bins": "auto"}),
     "grid25-kde": ("kde", "grid25", {"kernel": "gaussian", "bandwidth": "cv"}),

@@ -178,7 +178,10 @@ class HistogramDensity(DensityEstimator):
 
     def get_params(self) -> dict[str, Any]:
         params = {"bins": self.bins, "alpha": self.alpha}
-        if hasattr(self, "n_bins_"):
-            params["n_bins_"] = [int(b) for b in self.n_bins_]
-            params["bin_width_"] = [float(w) for w in self.bin_width_]
         return params
+
+    def fitted_params(self) -> dict[str, Any]:
+        # "auto" is a rule of the data (Scott's h), not a search: each calibration fold applies it
+        # to its own rows, as the final model did.
+        self._check_fitted()
+        return self.get_params()

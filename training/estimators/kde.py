@@ -335,9 +335,12 @@ class KernelDensity(DensityEstimator):
                   "cv_bandwidths": None if self.cv_bandwidths is None else [float(h) for h in
                                                                             np.ravel(self.cv_bandwidths)],
                   "cv_folds": self.cv_folds, "random_state": self.random_state}
-        if hasattr(self, "bandwidth_"):
-            params["bandwidth_"] = self.bandwidth_
         return params
+
+    def fitted_params(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {"kernel": self.kernel, "bandwidth": float(self.bandwidth_), "cv_folds": self.cv_folds,
+                "random_state": self.random_state}
 
 
 def chunk_rows(n_points: int) -> int:

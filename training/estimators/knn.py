@@ -139,6 +139,9 @@ class KNNDensity(DensityEstimator):
     def get_params(self) -> dict[str, Any]:
         params = {"k": self.k, "validation_fraction": self.validation_fraction,
                   "random_state": self.random_state}
-        if hasattr(self, "k_"):
-            params["k_"] = self.k_
         return params
+
+    def fitted_params(self) -> dict[str, Any]:
+        self._check_fitted()
+        return {"k": int(self.k_), "validation_fraction": self.validation_fraction,
+                "random_state": self.random_state}

@@ -173,7 +173,7 @@ def test_cv_with_a_given_grid_and_chunking(monkeypatch):
     monkeypatch.setattr(kde_module, "_CHUNK_ELEMENTS", 50)  # one held-out row per chunk
     chunked = KernelDensity(bandwidth="cv", cv_bandwidths=grid, cv_folds=4).fit(train)
     np.testing.assert_allclose(chunked.cv_scores_, whole.cv_scores_, rtol=1e-12)
-    assert chunked.get_params()["bandwidth_"] == whole.bandwidth_
+    assert chunked.fitted_params()["bandwidth"] == whole.bandwidth_
 
 
 # ---- sampling ---------------------------------------------------------------------------------

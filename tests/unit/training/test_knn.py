@@ -67,7 +67,7 @@ def test_auto_k_maximises_its_recorded_validation_score():
     expected = _brute_force_log_density(fit_rows, val, int(model.k_candidates_[j])).mean()
     assert model.validation_scores_[j] == pytest.approx(expected, rel=1e-9)
     assert model.core_.points.shape[0] == 200  # refitted on every row
-    assert model.get_params()["k_"] == model.k_
+    assert model.fitted_params()["k"] == model.k_ and model.get_params()["k"] == "auto"
 
 
 def test_auto_k_chunking_does_not_change_the_choice(monkeypatch):
