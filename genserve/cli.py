@@ -11,7 +11,9 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="genserve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="genserve", description="Train density and generative models, publish them to a model "
+        "repository, serve them over gRPC, and call them.")
     parser.add_argument("--version", action="version", version=f"genserve {__import__('genserve').__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     from serving import cli as serving_cli

@@ -1,0 +1,1 @@
+"""Generated gRPC modules (protos/generate.py); a package so wheels and images include them."""
