@@ -121,9 +121,11 @@ class GenServeClient:
         return ModelDetails(_summary(reply.summary), manifest, dict(reply.providers), list(reply.input_shape),
                             DTYPE_NAMES.get(reply.input_dtype, ""))
 
-    def score(self, name: str, x: np.ndarray, version: int = 0, timeout: float | None = None) -> np.ndarray:
-        """log p(x) per row, float32 [N]."""
-        request = pb.ScoreDensityRequest(model=pb.ModelRef(name=name, version=version), x=_tensor(x))
+    def score(self, name: str, x: np.ndarray, version: int = 0, timeout: float | None = None,
+              importance_samples: int = 0, seed: int = 0) -> np.ndarray:
+        """log p(x) per row, float32 [N]; ``importance_samples``/``seed`` for estimated scores (VAE)."""
+        request = pb.ScoreDensityRequest(model=pb.ModelRef(name=name, version=version), x=_tensor(x),
+                                         importance_samples=importance_samples, seed=seed)
         return decode(self._invoke(self.stub.ScoreDensity, request, timeout).log_prob, "log_prob").copy()
 
     def detect(self, name: str, x: np.ndarray, threshold: float | None = None,
@@ -138,8 +140,11 @@ class GenServeClient:
                          decode(reply.is_anomaly, "is_anomaly").astype(bool), reply.threshold_source,
                          reply.model_version)
 
-    def sample(self, name: str, n: int, seed: int = 0, label: int | None = None, version: int = 0) -> np.ndarray:
-        request = pb.SampleRequest(model=pb.ModelRef(name=name, version=version), n=n, seed=seed)
+    def sample(self, name: str, n: int, seed: int = 0, label: int | None = None, version: int = 0,
+               length: int = 0) -> np.ndarray:
+        """``n`` samples; ``label`` for class-conditional models, ``length`` for sequence models."""
+        request = pb.SampleRequest(model=pb.ModelRef(name=name, version=version), n=n, seed=seed,
+                                   length=length)
         if label is not None:
             request.label = label
         return decode(self._invoke(self.stub.Sample, request).samples, "samples").copy()

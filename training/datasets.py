@@ -3,6 +3,10 @@
 * ``digits`` — the D1 protocol: scikit-learn's 8x8 digits (shipped with the package, nothing is
   downloaded), dequantised with ``x = (v + u) / 17``, ``u ~ U(0, 1)`` from
   ``default_rng(0)``, split 70/30 stratified with ``random_state=0``.
+* ``digits-bold`` — the C1 protocol for unpaired translation: domain A is digits / 16 as 8x8
+  images, domain B their grey dilation (2x2); the D1 split on indices, A from the even-positioned
+  training indices and B from the odd-positioned ones, so no pair is ever seen in training. The
+  test part is paired (``X_test_b`` is the dilation of ``X_test``) for measuring translations.
 * ``grid25`` — 25 Gaussians at {-4,-2,0,2,4}^2 with sigma 0.05 (the G1 protocol), generated.
 * a path to a ``.npy`` or ``.csv`` file of rows, split 70/30 with ``random_state=0``.
 
@@ -31,6 +35,10 @@ class Dataset:
     y_test: np.ndarray | None = None
     # Shape of one row as an image, for the sample grid of the model card; None for plain rows.
     image_shape: tuple[int, int] | None = None
+    # The second domain of an unpaired translation dataset (digits-bold); None otherwise.
+    X_train_b: np.ndarray | None = None
+    X_test_b: np.ndarray | None = None
+    y_train_b: np.ndarray | None = None
 
     @property
     def n_features(self) -> int:
@@ -46,6 +54,22 @@ def digits() -> Dataset:
     X_train, X_test, y_train, y_test = train_test_split(
         x, bunch.target, test_size=0.3, stratify=bunch.target, random_state=0)
     return Dataset("digits", X_train, X_test, y_train, y_test, image_shape=(8, 8))
+
+
+def digits_bold() -> Dataset:
+    from scipy.ndimage import grey_dilation
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images / 16.0
+    bold = np.stack([grey_dilation(image, size=(2, 2)) for image in images])
+    train_idx, test_idx = train_test_split(np.arange(len(images)), test_size=0.3, stratify=bunch.target,
+                                           random_state=0)
+    a_idx, b_idx = train_idx[0::2], train_idx[1::2]
+    return Dataset("digits-bold", images[a_idx].reshape(-1, 64), images[test_idx].reshape(-1, 64),
+                   bunch.target[a_idx], bunch.target[test_idx], image_shape=(8, 8),
+                   X_train_b=bold[b_idx].reshape(-1, 64), X_test_b=bold[test_idx].reshape(-1, 64),
+                   y_train_b=bunch.target[b_idx])
 
 
 def sample_grid25(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +103,7 @@ def from_file(path: Path) -> Dataset:
     return Dataset(path.stem, X_train, X_test)
 
 
-NAMED = {"digits": digits, "grid25": grid25}
+NAMED = {"digits": digits, "grid25": grid25, "digits-bold": digits_bold}
 
 
 def load(name_or_path: str) -> Dataset:

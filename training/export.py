@@ -37,10 +37,15 @@ class ParityResult:
 
 
 def export_onnx(graph: ExportGraph, path: Path, example: dict[str, np.ndarray]) -> None:
-    """Trace ``graph.module`` on ``example`` and write ONNX with every batch axis dynamic."""
+    """Trace ``graph.module`` on ``example`` and write ONNX with every -1 and named axis dynamic."""
     names = [spec.name for spec in graph.inputs]
     args = tuple(torch.from_numpy(example[n]) for n in names)
-    dynamic = {spec.name: {0: "batch"} for spec in [*graph.inputs, *graph.outputs] if spec.shape[0] == -1}
+    dynamic = {}
+    for spec in [*graph.inputs, *graph.outputs]:
+        axes = {i: "batch" if i == 0 else spec.axes.get(i, f"{spec.name}_axis{i}")
+                for i, d in enumerate(spec.shape) if d == -1 or i in spec.axes}
+        if axes:
+            dynamic[spec.name] = axes
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TorchScript tracer warnings about the legacy path
         torch.onnx.export(graph.module, args, str(path), input_names=names,
@@ -75,15 +80,16 @@ def compare(torch_out: np.ndarray, onnx_out: np.ndarray) -> ParityResult:
     return ParityResult(float(diff.max()), float((diff / np.maximum(1.0, np.abs(a[finite]))).max()))
 
 
-def export_and_check(graph: ExportGraph, folder: Path, check_rows: np.ndarray,
+def export_and_check(graph: ExportGraph, folder: Path, check_rows: np.ndarray | dict[str, np.ndarray],
                      tolerance: float = DEFAULT_TOLERANCE, seed: int = 0) -> ParityResult:
-    """Write ``folder/<graph>.onnx`` and return its parity with torch on ``check_rows``.
+    """Write ``folder/<graph>.onnx`` and return its parity with torch on held-out inputs.
 
-    Raises ExportCheckError above ``tolerance`` (after deleting the file), so a graph that
-    does not reproduce the estimator never reaches the repository.
+    ``check_rows`` is either the rows for the graph's data input (noise is drawn) or the full
+    feeds. Raises ExportCheckError above ``tolerance`` (after deleting the file), so a graph
+    that does not reproduce the estimator never reaches the repository.
     """
     path = Path(folder) / f"{graph.name}.onnx"
-    inputs = graph_inputs(graph, check_rows, seed)
+    inputs = check_rows if isinstance(check_rows, dict) else graph_inputs(graph, check_rows, seed)
     export_onnx(graph, path, inputs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     onnx_out = session.run([graph.outputs[0].name], inputs)[0]

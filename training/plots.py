@@ -5,6 +5,8 @@
 * image rows (digits): a grid of samples; for families that cannot sample, the test images the
   model finds most typical and most anomalous instead.
 * anything else: the first two features of data and samples.
+
+Families that train by gradient steps also get ``training.png``: their logged losses per epoch.
 """
 
 from __future__ import annotations
@@ -80,3 +82,18 @@ def _first_two_features(estimator: DensityEstimator, data: Dataset):
     ax.set_ylabel("feature 1")
     ax.legend()
     return fig
+
+
+def save_training_curve(history: list[dict[str, float]], path: Path, title: str) -> None:
+    """One panel per logged quantity (losses, held-out figures) against the epoch or step."""
+    keys = [k for k in history[0] if k not in ("epoch", "step")]
+    x_key = "epoch" if "epoch" in history[0] else "step"
+    xs = [row.get(x_key, i) for i, row in enumerate(history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(xs, [row.get(key, np.nan) for row in history])
+        ax.set_xlabel(x_key)
+        ax.set_title(key)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    plt.close(fig)

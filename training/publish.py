@@ -15,9 +15,8 @@ from typing import Any
 from serving.repository.layout import fingerprint, publish_version
 from serving.repository.manifest import MANIFEST_FILE, AnomalyCalibration, ExportCheck, GraphSpec, InputSpec, Manifest
 from training.datasets import Dataset
-from training.estimators.base import DensityEstimator
+from training.estimators.base import GenerativeEstimator
 from training.export import DEFAULT_TOLERANCE, export_and_check
-from training.plots import save_model_picture
 
 import genserve
 
@@ -28,7 +27,19 @@ def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(params, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
-def publish(estimator: DensityEstimator, repo: Path, name: str, data: Dataset, *,
+def capabilities_of(graphs: dict[str, GraphSpec], calibrated: bool, conditional: bool) -> list[str]:
+    """Capabilities follow from the graphs published (and the calibration), never from the family."""
+    found = [c for c in ("score", "sample", "encode", "reconstruct") if c in graphs]
+    if calibrated:
+        found.insert(1 if "score" in found else 0, "anomaly")
+    if conditional:
+        found.append("conditional")
+    if {"translate_a2b", "translate_b2a"} <= set(graphs):
+        found.append("translate")
+    return found
+
+
+def publish(estimator: GenerativeEstimator, repo: Path, name: str, data: Dataset, *,
             calibration: AnomalyCalibration | None, metrics: dict[str, float],
             description: str = "", tolerance: float = DEFAULT_TOLERANCE) -> tuple[Path, Manifest]:
     """Write ``<repo>/<name>/<next version>/`` and return its path and manifest."""
@@ -37,14 +48,16 @@ def publish(estimator: DensityEstimator, repo: Path, name: str, data: Dataset, *
     def write(folder: Path, version: int) -> None:
         graphs, abs_diff, rel_diff = {}, {}, {}
         for graph in estimator.export_graphs():
-            parity = export_and_check(graph, folder, data.X_test[:CHECK_ROWS], tolerance)
+            feeds = estimator.check_feeds(graph, data, CHECK_ROWS)
+            parity = export_and_check(graph, folder, feeds, tolerance)
             graphs[graph.name] = GraphSpec(file=f"{graph.name}.onnx", inputs=graph.inputs, outputs=graph.outputs)
             abs_diff[graph.name], rel_diff[graph.name] = parity.max_abs_diff, parity.max_rel_diff
-        capabilities = ["score"] + (["anomaly"] if calibration else []) + (["sample"] if "sample" in graphs else [])
         manifest = Manifest(
             name=name, version=version, family=estimator.family, description=description,
-            input=InputSpec(shape=[data.n_features], low=float(data.X_train.min()), high=float(data.X_train.max())),
-            capabilities=capabilities, graphs=graphs, anomaly=calibration,
+            input=InputSpec(shape=estimator.input_shape(data), low=float(data.X_train.min()),
+                            high=float(data.X_train.max())),
+            capabilities=capabilities_of(graphs, calibration is not None, bool(estimator.num_classes)),
+            graphs=graphs, anomaly=calibration, num_classes=estimator.num_classes,
             hyperparameters=_jsonable(estimator.fitted_params()), metrics=metrics,
             export_check=ExportCheck(max_abs_diff=abs_diff, max_rel_diff=rel_diff, tolerance=tolerance,
                                      rows=min(CHECK_ROWS, len(data.X_test))),
@@ -52,14 +65,14 @@ def publish(estimator: DensityEstimator, repo: Path, name: str, data: Dataset, *
             genserve_version=genserve.__version__)
         (folder / MANIFEST_FILE).write_text(manifest.to_json())
         (folder / "card.md").write_text(model_card(manifest, estimator, data))
-        save_model_picture(estimator, data, folder / "samples.png", f"{name} v{version} ({estimator.family})")
+        estimator.save_pictures(data, folder, f"{name} v{version} ({estimator.family})")
         written["manifest"] = manifest
 
     path = publish_version(Path(repo), name, write)
     return path, written["manifest"]
 
 
-def model_card(manifest: Manifest, estimator: DensityEstimator, data: Dataset) -> str:
+def model_card(manifest: Manifest, estimator: GenerativeEstimator, data: Dataset) -> str:
     """A short human-readable card: what was trained on what, with which figures and limits."""
     doc = (type(estimator).__doc__ or "").strip().splitlines()
     lines = [
@@ -67,7 +80,7 @@ def model_card(manifest: Manifest, estimator: DensityEstimator, data: Dataset) -
         "",
         f"**Family:** `{manifest.family}` — {doc[0] if doc else ''}",
         f"**Data:** `{data.name}`: {len(data.X_train)} training rows, {len(data.X_test)} test rows, "
-        f"{data.n_features} features (fingerprint `{manifest.data_fingerprint[:19]}…`).",
+        f"rows of shape {manifest.input.shape} (fingerprint `{manifest.data_fingerprint[:19]}…`).",
         f"**Capabilities:** {', '.join(manifest.capabilities)}",
         "",
         "## Hyper-parameters",
@@ -92,10 +105,6 @@ def model_card(manifest: Manifest, estimator: DensityEstimator, data: Dataset) -
               f"difference relative to max(1, |value|): "
               + ", ".join(f"`{g}` {d:.2g}" for g, d in manifest.export_check.max_rel_diff.items())
               + f" (tolerance {manifest.export_check.tolerance:g}).", ""]
-    if manifest.family == "knn":
-        lines += ["## Limits", "", "The kNN estimate k/(n·V_d·d_k^d) does not integrate to 1: its "
-                  "tails decay like 1/|x|^d. Use its scores to rank rows, not as probabilities.", ""]
-    if manifest.family == "histogram":
-        lines += ["## Limits", "", "Outside the grid, and in empty cells, the density is 0 and the "
-                  "log-density −inf (anomaly score +inf).", ""]
+    if estimator.card_limits:
+        lines += ["## Limits", "", estimator.card_limits, ""]
     return "\n".join(lines)

@@ -150,16 +150,18 @@ class DetectAnomaliesResponse(_message.Message):
     def __init__(self, score: _Optional[_Union[Tensor, _Mapping]] = ..., threshold: _Optional[float] = ..., is_anomaly: _Optional[_Union[Tensor, _Mapping]] = ..., model_version: _Optional[int] = ..., threshold_source: _Optional[str] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("model", "n", "seed", "label")
+    __slots__ = ("model", "n", "seed", "label", "length")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
     model: ModelRef
     n: int
     seed: int
     label: int
-    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., label: _Optional[int] = ...) -> None: ...
+    length: int
+    def __init__(self, model: _Optional[_Union[ModelRef, _Mapping]] = ..., n: _Optional[int] = ..., seed: _Optional[int] = ..., label: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
     __slots__ = ("samples", "model_version")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from serving.models.errors import FailedPrecondition, InvalidArgument
-from serving.models.validation import (Limits, check_rows, check_sample_count, check_seed,
+from serving.models.validation import (Limits, check_count, check_rows, check_sample_count, check_seed,
                                        check_threshold_choice, require)
 from serving.repository.noise import draw_noise
 from serving.runtime.context import RunContext
@@ -24,6 +24,9 @@ if TYPE_CHECKING:  # the loader imports this package's errors; avoid the import 
     from serving.repository.loader import LoadedModel
 
 DIRECTIONS = {"a2b": "translate_a2b", "b2a": "translate_b2a"}
+# Bounds on request-sized noise axes: each multiplies the work and memory of one row.
+MAX_IMPORTANCE_SAMPLES = 5000
+MAX_SEQUENCE_LENGTH = 100_000
 
 
 @dataclass
@@ -43,13 +46,13 @@ def _chunk(model: LoadedModel, limits: Limits) -> int:
 
 
 def _run(model: LoadedModel, graph: GraphSession, data: dict[str, np.ndarray], rows: int, seed: int,
-         limits: Limits, ctx: RunContext | None) -> np.ndarray:
+         limits: Limits, ctx: RunContext | None, sizes: dict[str, int] | None = None) -> np.ndarray:
     """Run ``graph`` on its data inputs plus noise drawn for all ``rows`` at once; first output.
 
     The noise is drawn for the whole batch before chunking, so the result does not depend on
-    the chunk size.
+    the chunk size. ``sizes`` resizes the noise's named axes (importance samples, length).
     """
-    feeds = draw_noise(graph.spec.inputs, rows, seed)
+    feeds = draw_noise(graph.spec.inputs, rows, seed, sizes)
     feeds.update(data)
     return graph.run_chunked(feeds, _chunk(model, limits), ctx)[0]
 
@@ -60,18 +63,17 @@ def score(model: LoadedModel, x: np.ndarray, *, limits: Limits = Limits(), ctx: 
     require(model.capabilities, "score", model.name, "score densities")
     graph = model.graphs["score"]
     x = check_rows(x, model.manifest.input.shape, model.manifest.input.dtype, limits)
-    noise = graph.spec.noise_inputs
+    sizes = None
     if importance_samples:
-        if not noise:
+        resizable = [s for s in graph.spec.noise_inputs if "importance_samples" in s.axes.values()]
+        if not resizable:
             raise InvalidArgument(f"importance_samples: expected 0, model {model.name!r} scores exactly "
                                   f"(no importance sampling), got {importance_samples}")
-        fixed = noise[0].shape[1] if len(noise[0].shape) > 1 else None
-        if importance_samples != fixed:
-            raise InvalidArgument(f"importance_samples: expected 0 or {fixed} (fixed in the exported graph), "
-                                  f"got {importance_samples}")
+        check_count("importance_samples", importance_samples, MAX_IMPORTANCE_SAMPLES)
+        sizes = {"importance_samples": importance_samples}
     check_seed(seed)
     data_name = graph.spec.data_inputs[0].name
-    out = _run(model, graph, {data_name: x}, len(x), seed, limits, ctx)
+    out = _run(model, graph, {data_name: x}, len(x), seed, limits, ctx, sizes)
     return np.asarray(out, dtype=np.float32).reshape(len(x))
 
 
@@ -84,7 +86,8 @@ def detect(model: LoadedModel, x: np.ndarray, *, threshold: float | None = None,
     (``AnomalyCalibration.threshold_at``). A NaN score (a broken model output) is flagged: a row
     the model cannot vouch for is not reported as normal.
     """
-    require(model.capabilities, "score", model.name, "detect anomalies")
+    require(model.capabilities, "anomaly" if "anomaly" in model.graphs else "score", model.name,
+            "detect anomalies")
     check_threshold_choice(threshold, contamination)
     calibration = model.manifest.anomaly
     if threshold is None and calibration is None:
@@ -96,12 +99,18 @@ def detect(model: LoadedModel, x: np.ndarray, *, threshold: float | None = None,
         chosen, source = calibration.threshold_at(contamination), "request-contamination"
     else:
         chosen, source = calibration.threshold, "calibrated"
-    values = -score(model, x, limits=limits, ctx=ctx)
+    if "anomaly" in model.graphs:  # e.g. a GAN discriminator's score: no density, a direct score
+        graph = model.graphs["anomaly"]
+        rows = check_rows(x, model.manifest.input.shape, model.manifest.input.dtype, limits)
+        out = _run(model, graph, {graph.spec.data_inputs[0].name: rows}, len(rows), 0, limits, ctx)
+        values = np.asarray(out, dtype=np.float32).reshape(len(rows))
+    else:
+        values = -score(model, x, limits=limits, ctx=ctx)
     return Detection(values, chosen, ~(values <= chosen), source)
 
 
 def sample(model: LoadedModel, n: int, seed: int = 0, label: int | None = None, *,
-           limits: Limits = Limits(), ctx: RunContext | None = None) -> np.ndarray:
+           limits: Limits = Limits(), ctx: RunContext | None = None, length: int = 0) -> np.ndarray:
     """``n`` samples [n, *input_shape] from noise drawn with ``draw_noise(inputs, n, seed)``.
 
     A class-conditional model's sample graph takes the label as its one data input (one value
@@ -111,7 +120,18 @@ def sample(model: LoadedModel, n: int, seed: int = 0, label: int | None = None, 
     require(model.capabilities, "sample", model.name, "sample")
     graph = model.graphs["sample"]
     out_spec = graph.spec.outputs[0]
-    check_sample_count(n, model.manifest.input.shape, np.dtype(NUMPY_DTYPES[out_spec.dtype]).itemsize, limits)
+    sizes = None
+    row_shape = list(model.manifest.input.shape)
+    if length:
+        if not any("length" in s.axes.values() for s in graph.spec.noise_inputs):
+            raise InvalidArgument(f"length: expected 0, model {model.name!r} does not sample sequences, "
+                                  f"got {length}")
+        check_count("length", length, MAX_SEQUENCE_LENGTH)
+        sizes = {"length": length}
+    if -1 in row_shape:  # sequences: the sampled length, requested or the graph's default
+        default = next((s.shape[a] for s in graph.spec.noise_inputs for a, v in s.axes.items() if v == "length"), 1)
+        row_shape = [length or default if d == -1 else d for d in row_shape]
+    check_sample_count(n, row_shape, np.dtype(NUMPY_DTYPES[out_spec.dtype]).itemsize, limits)
     check_seed(seed)
     data: dict[str, np.ndarray] = {}
     conditional = "conditional" in model.capabilities
@@ -131,7 +151,7 @@ def sample(model: LoadedModel, n: int, seed: int = 0, label: int | None = None, 
         names = [s.name for s in graph.spec.data_inputs]
         raise FailedPrecondition(f"model {model.name!r}: its sample graph takes data inputs {names} "
                                  f"but the model is not declared 'conditional'")
-    out = _run(model, graph, data, n, seed, limits, ctx)
+    out = _run(model, graph, data, n, seed, limits, ctx, sizes)
     return np.ascontiguousarray(out)
 
 

@@ -112,6 +112,12 @@ def check_sample_count(n: int, row_shape: list[int], itemsize: int, limits: Limi
                                 f"(max_message_bytes); ask for at most {most}")
 
 
+def check_count(field: str, value: int, most: int) -> None:
+    """A request-chosen size (importance samples, sequence length): 1..most, else INVALID_ARGUMENT."""
+    if not 1 <= value <= most:
+        raise InvalidArgument(f"{field}: expected an integer in [1, {most}], got {value}")
+
+
 def check_seed(seed: int, field: str = "seed") -> None:
     if seed < 0:
         raise InvalidArgument(f"{field}: expected an integer >= 0, got {seed}")

@@ -21,6 +21,7 @@ Capability = Literal["score", "anomaly", "sample", "conditional", "translate", "
                      "reconstruct", "sequence"]
 DType = Literal["float32", "float64", "int64", "int32", "uint8"]
 NoiseKind = Literal["normal", "uniform"]
+AxisName = Literal["importance_samples", "length"]
 
 
 class _Strict(BaseModel):
@@ -35,6 +36,10 @@ class TensorSpec(_Strict):
     dtype: DType = "float32"
     # A noise input is drawn by the server from the request's seed, never sent by the client.
     noise: NoiseKind | None = None
+    # Axes (beyond the batch axis) whose size a request may change, by name; ``shape`` holds the
+    # default size. E.g. a VAE's score noise [-1, 64, 16] with {1: "importance_samples"}, or an
+    # HMM's sample noise [-1, 50] with {1: "length"}. The exported graph keeps them dynamic.
+    axes: dict[int, AxisName] = Field(default_factory=dict)
 
     @field_validator("shape")
     @classmethod
@@ -42,6 +47,14 @@ class TensorSpec(_Strict):
         if any(d < -1 or d == 0 for d in shape):
             raise ValueError(f"dimensions must be positive or -1 (dynamic), got {shape}")
         return shape
+
+    @model_validator(mode="after")
+    def _axes_inside(self) -> "TensorSpec":
+        for axis in self.axes:
+            if not 1 <= axis < len(self.shape) or self.shape[axis] < 1:
+                raise ValueError(f"axes: axis {axis} of {self.name!r} must be a non-batch axis with a "
+                                 f"default size in shape {self.shape}")
+        return self
 
 
 class GraphSpec(_Strict):
@@ -61,7 +74,10 @@ class GraphSpec(_Strict):
 
 
 class InputSpec(_Strict):
-    """What one row of client data looks like (without the batch axis)."""
+    """What one row of client data looks like (without the batch axis).
+
+    -1 marks an axis of any size, equal within a request: the time axis of sequences [T, D].
+    """
 
     shape: list[int] = Field(min_length=1)
     dtype: DType = "float32"
@@ -71,8 +87,8 @@ class InputSpec(_Strict):
     @field_validator("shape")
     @classmethod
     def _positive(cls, shape: list[int]) -> list[int]:
-        if any(d <= 0 for d in shape):
-            raise ValueError(f"row dimensions must be positive, got {shape}")
+        if any(d <= 0 and d != -1 for d in shape):
+            raise ValueError(f"row dimensions must be positive or -1 (any length), got {shape}")
         return shape
 
 
@@ -151,11 +167,12 @@ class Manifest(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "Manifest":
-        needs = {"score": "score", "anomaly": "score", "sample": "sample",
-                 "encode": "encode", "reconstruct": "reconstruct"}
+        needs = {"score": "score", "sample": "sample", "encode": "encode", "reconstruct": "reconstruct"}
         for capability, graph in needs.items():
             if capability in self.capabilities and graph not in self.graphs:
                 raise ValueError(f"capability {capability!r} needs a {graph!r} graph")
+        if "anomaly" in self.capabilities and not {"score", "anomaly"} & set(self.graphs):
+            raise ValueError("capability 'anomaly' needs a 'score' graph (-log p) or an 'anomaly' graph")
         if "translate" in self.capabilities and not {"translate_a2b", "translate_b2a"} <= set(self.graphs):
             raise ValueError("capability 'translate' needs translate_a2b and translate_b2a graphs")
         if "anomaly" in self.capabilities and self.anomaly is None:

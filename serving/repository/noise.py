@@ -16,8 +16,23 @@ from serving.repository.manifest import TensorSpec
 _NUMPY_DTYPES = {"float32": np.float32, "float64": np.float64}
 
 
-def draw_noise(specs: list[TensorSpec], n: int, seed: int) -> dict[str, np.ndarray]:
-    """Return {input name: array of shape [n, *spec.shape[1:]]} for the noise inputs in ``specs``."""
+def noise_shape(spec: TensorSpec, n: int, sizes: dict[str, int] | None = None) -> tuple[int, ...]:
+    """[n, *spec.shape[1:]], with each named axis (``spec.axes``) resized by ``sizes`` if given."""
+    shape = [n, *spec.shape[1:]]
+    for axis, name in spec.axes.items():
+        if sizes and sizes.get(name):
+            shape[axis] = int(sizes[name])
+    if any(d < 1 for d in shape[1:]):
+        raise ValueError(f"noise input {spec.name!r} needs a static shape after the batch axis")
+    return tuple(shape)
+
+
+def draw_noise(specs: list[TensorSpec], n: int, seed: int,
+               sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Return {input name: array of shape ``noise_shape(spec, n, sizes)``} for the noise inputs.
+
+    ``sizes`` resizes named axes, e.g. {"importance_samples": 256} or {"length": 100}.
+    """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     rng = np.random.default_rng(seed)
@@ -25,9 +40,7 @@ def draw_noise(specs: list[TensorSpec], n: int, seed: int) -> dict[str, np.ndarr
     for spec in specs:
         if spec.noise is None:
             continue
-        if any(d < 1 for d in spec.shape[1:]):
-            raise ValueError(f"noise input {spec.name!r} needs a static shape after the batch axis")
-        shape = (n, *spec.shape[1:])
+        shape = noise_shape(spec, n, sizes)
         if spec.noise == "normal":
             values = rng.standard_normal(shape)
         else:

@@ -150,7 +150,8 @@ class GenerativeServicer(pb_grpc.GenerativeServiceServicer):
 
         def work(repo: Repository, ctx: RunContext) -> pb.SampleResponse:
             model = repo.get(ref.name, ref.version)
-            samples = models.sample(model, request.n, request.seed, label, limits=self.limits, ctx=ctx)
+            samples = models.sample(model, request.n, request.seed, label, limits=self.limits, ctx=ctx,
+                                    length=request.length)
             self.metrics.rows_done("Sample", model.name, len(samples))
             return pb.SampleResponse(samples=encode(samples), model_version=model.version)
 

@@ -1,4 +1,9 @@
-"""The estimator interface every family implements.
+"""The estimator interfaces every family implements.
+
+``GenerativeEstimator`` is what the pipeline, the exporter and the registry rely on: fit on a
+dataset, graphs to export, and optional hooks (figures, anomaly calibration scores, pictures).
+Neural and latent-variable families (VAE, GAN, CycleGAN, FVBN, HMM) implement it directly.
+``DensityEstimator`` below is the classical families' specialisation with an exact log-density.
 
 In the spirit of scikit-learn's density estimators (``fit``, ``score_samples``, ``sample``):
 hyper-parameters are constructor arguments, validated in ``fit`` with messages naming the
@@ -78,10 +83,86 @@ def as_float64(X: Any, name: str = "X") -> torch.Tensor:
     return torch.as_tensor(np.asarray(array, dtype=np.float64))
 
 
-class DensityEstimator(abc.ABC):
-    """Base class: subclasses implement ``_fit`` returning the fitted core."""
+class GenerativeEstimator(abc.ABC):
+    """What every family offers the pipeline; hooks have defaults a family overrides as needed."""
 
     family: ClassVar[str]
+    # Conditional families set this to the number of classes after fit; ``fit_dataset`` then
+    # passes the labels, and the sample graph takes a ``label`` input.
+    num_classes: int | None = None
+    # What a user must know before trusting the model's numbers; printed in the model card.
+    card_limits: ClassVar[str] = ""
+    # Per-epoch training log, e.g. [{"epoch": 1, "loss": 2.3, "val_loss": 2.1}], drawn as training.png.
+    history_: list[dict[str, float]]
+
+    @abc.abstractmethod
+    def fit(self, X: Any, y: Any = None) -> "GenerativeEstimator":
+        ...
+
+    @abc.abstractmethod
+    def get_params(self) -> dict[str, Any]:
+        """Hyper-parameters as given to the constructor."""
+
+    def fitted_params(self) -> dict[str, Any]:
+        """Hyper-parameters with every search ("cv", "auto") replaced by what ``fit`` chose.
+
+        ``type(self)(**self.fitted_params())`` refits the same model without searching again:
+        the cross-fitted threshold calibration relies on it.
+        """
+        return self.get_params()
+
+    @abc.abstractmethod
+    def export_graphs(self) -> list[ExportGraph]:
+        """The graphs to publish, named from {score, sample, anomaly, encode, reconstruct,
+        translate_a2b, translate_b2a}; the manifest's capabilities follow from the names."""
+
+    # ---- hooks the pipeline calls ------------------------------------------------------
+    def fit_dataset(self, data: Any) -> "GenerativeEstimator":
+        """Fit on a ``training.datasets.Dataset``: training rows, and labels if conditional."""
+        return self.fit(data.X_train, data.y_train if self.uses_labels else None)
+
+    @property
+    def uses_labels(self) -> bool:
+        return bool(getattr(self, "conditional", False))
+
+    def input_shape(self, data: Any) -> list[int]:
+        """One row's shape for the manifest; sequence families return [-1, D]."""
+        return list(data.X_train.shape[1:])
+
+    def evaluate(self, data: Any) -> dict[str, float]:
+        """Figures for the manifest and card, measured on the dataset's test part."""
+        return {}
+
+    def calibration_scores(self, data: Any, folds: int) -> np.ndarray | None:
+        """Anomaly scores of normal rows the model did not train on, or None if it has none."""
+        return None
+
+    def calibration_method(self, folds: int) -> str:
+        return "held-out anomaly score quantile"
+
+    def check_feeds(self, graph: ExportGraph, data: Any, rows: int) -> dict[str, np.ndarray]:
+        """Inputs for the export check: held-out rows, held-out labels, noise as the server draws it."""
+        feeds = draw_noise(graph.inputs, rows, seed=0)
+        for spec in graph.inputs:
+            if spec.noise is not None:
+                continue
+            if spec.name == "label":
+                feeds["label"] = np.asarray(data.y_test[:rows], dtype=np.int64)
+            else:
+                feeds[spec.name] = np.ascontiguousarray(data.X_test[:rows], dtype=np.float32)
+        return feeds
+
+    def save_pictures(self, data: Any, folder: Any, title: str) -> None:
+        """samples.png (and training.png when there is a training log) for the model card."""
+        from training.plots import save_model_picture, save_training_curve
+
+        save_model_picture(self, data, folder / "samples.png", title)
+        if getattr(self, "history_", None):
+            save_training_curve(self.history_, folder / "training.png", title)
+
+
+class DensityEstimator(GenerativeEstimator):
+    """Classical families: subclasses implement ``_fit`` returning the fitted core."""
 
     core_: nn.Module
     n_features_in_: int
@@ -101,18 +182,6 @@ class DensityEstimator(abc.ABC):
     @abc.abstractmethod
     def _fit(self, x: torch.Tensor) -> nn.Module:
         """Return the fitted core for float64 rows ``x``."""
-
-    @abc.abstractmethod
-    def get_params(self) -> dict[str, Any]:
-        """Hyper-parameters as given to the constructor."""
-
-    def fitted_params(self) -> dict[str, Any]:
-        """Hyper-parameters with every search ("cv", "auto") replaced by what ``fit`` chose.
-
-        ``type(self)(**self.fitted_params())`` refits the same model without searching again:
-        the cross-fitted threshold calibration relies on it.
-        """
-        return self.get_params()
 
     # ---- derived behaviour -------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -153,6 +222,21 @@ class DensityEstimator(abc.ABC):
         noise = draw_noise(self.noise_specs(), n, seed)
         tensors = [torch.from_numpy(noise[s.name]) for s in self.noise_specs()]
         return self.core_.sample_from_noise(*tensors)
+
+    def evaluate(self, data: Any) -> dict[str, float]:
+        """Mean log-likelihood per row on the training and test parts (-inf if a row has zero density)."""
+        return {"train_log_likelihood": float(np.mean(self.score_samples(data.X_train))),
+                "test_log_likelihood": float(np.mean(self.score_samples(data.X_test)))}
+
+    def calibration_method(self, folds: int) -> str:
+        return f"{folds}-fold cross-fitted -log p quantile"
+
+    def calibration_scores(self, data: Any, folds: int) -> np.ndarray:
+        """Cross-fitted -log p of every training row (see ``training.calibration``)."""
+        from training.calibration import cross_fitted_scores
+
+        chosen = self.fitted_params()
+        return cross_fitted_scores(lambda: type(self)(**chosen), data.X_train, folds)
 
     def export_graphs(self) -> list[ExportGraph]:
         """The graphs to publish: always ``score``; ``sample`` where the family samples."""

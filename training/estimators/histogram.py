@@ -114,6 +114,9 @@ class HistogramDensity(DensityEstimator):
     ``counts_`` (an array of shape ``n_bins_``).
     """
 
+    card_limits = ("Outside the grid, and in empty cells, the density is 0 and the log-density −inf "
+                   "(anomaly score +inf).")
+
     family = "histogram"
 
     def __init__(self, bins: int | str = "auto", alpha: float = 0.0):

@@ -83,6 +83,9 @@ class KNNDensity(DensityEstimator):
     Attributes after fit: ``k_``; with "auto", ``k_candidates_`` and ``validation_scores_``.
     """
 
+    card_limits = ("The kNN estimate k/(n·V_d·d_k^d) does not integrate to 1: its tails decay like "
+                   "1/|x|^d. Use its scores to rank rows, not as probabilities.")
+
     family = "knn"
 
     def __init__(self, k: int | str = 5, validation_fraction: float = 0.2, random_state: int = 0):
