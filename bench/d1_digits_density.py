@@ -145,6 +145,7 @@ def sk_gmm_selected(data: datasets.Dataset, candidates: list[int]) -> dict[str, 
                 val = mean_ll(sk_gmm(K, covariance).fit(X_fit).score_samples(X_val))
             scores.append({"n_components": K, "covariance_type": covariance, "validation_nats": val})
     best = max(scores, key=lambda s: s["validation_nats"])
+    largest = max(s["n_components"] for s in scores)
     model = sk_gmm(best["n_components"], best["covariance_type"]).fit(data.X_train)
     fit_s = time.perf_counter() - started
     return {"model": "scikit-learn GaussianMixture, (components, covariance) on a 20 % validation split",
@@ -152,7 +153,8 @@ def sk_gmm_selected(data: datasets.Dataset, candidates: list[int]) -> dict[str, 
             "test_nats": mean_ll(model.score_samples(data.X_test)),
             "train_nats": mean_ll(model.score_samples(data.X_train)),
             "params": {"n_components": best["n_components"], "covariance_type": best["covariance_type"]},
-            "selection_scores": scores}
+            "selection_scores": scores, "candidates": candidates,
+            "note": f"K={largest} is the largest candidate (edge of the grid)" if best["n_components"] == largest else ""}
 
 
 # ---- same-setting comparisons --------------------------------------------------------------------

@@ -218,7 +218,17 @@ def main() -> None:
                     ["detector", *map(str, range(10)), "pooled", "goal 1 % ± 1 point"],
                     [[r["detector"], *[f"{e['false_positives']}/{e['n_normal']}" for e in r["per_class"]],
                       pct(r["pooled_fpr"]), r["fpr_goal_met"]] for r in thresholded])
-    write_results(args.name, {"protocol": "BENCHMARKS.md D2", "contamination": CONTAMINATION,
+    ours = [r for r in ok if r["detector"].startswith("genserve")]
+    goal: dict[str, Any] = {"mean_auroc_goal": 0.998, "worst_auroc_goal": 0.99, "fpr_goal": "1 % ± 1 point"}
+    if ours:
+        best = max(ours, key=lambda r: r["mean_auroc"])
+        goal.update(best=best["detector"], best_mean_auroc=best["mean_auroc"], best_worst_auroc=best["worst_auroc"],
+                    met=best["mean_auroc"] >= 0.998 and best["worst_auroc"] >= 0.99
+                    and bool(best.get("fpr_goal_met", False)))
+        print(f"\nGoal (best genserve family ≥ 0.998 mean, ≥ 0.99 worst class, FPR within 1 % ± 1 point): best is "
+              f"{best['detector']} with {best['mean_auroc']:.4f} mean, {best['worst_auroc']:.4f} worst, pooled FPR "
+              f"{pct(best.get('pooled_fpr'))} — {'met' if goal['met'] else 'NOT met'}.")
+    write_results(args.name, {"protocol": "BENCHMARKS.md D2", "goal": goal, "contamination": CONTAMINATION,
                               "infinite_scores": "for AUROC, +inf -> max finite + 1, -inf -> min finite - 1",
                               "rows": rows}, info)
 
