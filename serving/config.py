@@ -40,14 +40,22 @@ def available_providers() -> list[str]:
     return list(onnxruntime.get_available_providers())
 
 
-def default_providers() -> list[str]:
-    """CUDA then CPU, keeping those the build offers.
+def nvidia_device_present() -> bool:
+    """True when the kernel exposes an NVIDIA device (bare metal, or a container given a GPU)."""
+    return os.path.exists("/dev/nvidiactl") or any(os.path.exists(f"/dev/nvidia{i}") for i in range(16))
 
-    onnxruntime-gpu offers CUDA even on a machine without a GPU or CUDA libraries; the session
-    then falls back to CPU. The runtime reports the provider a session really got
-    (``session.get_providers()``), so the default may safely ask for CUDA.
+
+def default_providers() -> list[str]:
+    """CUDA then CPU, keeping those the build offers — CUDA only where a GPU is present.
+
+    onnxruntime-gpu offers CUDA even on a machine without a GPU; asking for it there makes
+    onnxruntime print a library-load error at every start before falling back to CPU, which
+    alarms users for nothing. An explicit GENSERVE_PROVIDERS still asks for whatever it names, and
+    the runtime always reports the provider a session really got (``session.get_providers()``).
     """
     offered = set(available_providers())
+    if not nvidia_device_present():
+        offered.discard(CUDA)
     return [p for p in PREFERRED_PROVIDERS if p in offered] or [CPU]
 
 

@@ -51,3 +51,13 @@ def test_invalid_settings_name_the_field(overrides, field, phrase):
         Settings(**overrides)
     text = str(info.value)
     assert field in text and phrase in text, text
+
+
+def test_default_providers_ask_for_cuda_only_where_a_gpu_is_present(monkeypatch):
+    from serving import config
+
+    monkeypatch.setattr(config, "available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(config, "nvidia_device_present", lambda: False)
+    assert config.default_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(config, "nvidia_device_present", lambda: True)
+    assert config.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
