@@ -8,6 +8,8 @@
   training indices and B from the odd-positioned ones, so no pair is ever seen in training. The
   test part is paired (``X_test_b`` is the dilation of ``X_test``) for measuring translations.
 * ``grid25`` — 25 Gaussians at {-4,-2,0,2,4}^2 with sigma 0.05 (the G1 protocol), generated.
+* ``regimes`` — 400 sequences [T=50, D=2] from a known 3-state Gaussian HMM (``REGIMES_*``),
+  generated with ``default_rng(0)``, split 70/30 with ``random_state=0``: ``X_train`` is 3-D.
 * a path to a ``.npy`` or ``.csv`` file of rows, split 70/30 with ``random_state=0``.
 
 Hyper-parameters are never chosen on ``X_test``: estimators that select (KDE ``cv``, GMM
@@ -42,7 +44,7 @@ class Dataset:
 
     @property
     def n_features(self) -> int:
-        return self.X_train.shape[1]
+        return self.X_train.shape[-1]  # rows [N, D] or sequences [N, T, D]
 
 
 def digits() -> Dataset:
@@ -85,6 +87,32 @@ def grid25(n_train: int = 2000, n_test: int = 1000) -> Dataset:
     return Dataset("grid25", X_train, X_test, y_train, y_test)
 
 
+# The regimes HMM: sticky transitions between three 2-D Gaussian emission states.
+REGIMES_START = np.array([0.5, 0.3, 0.2])
+REGIMES_TRANSMAT = np.array([[0.90, 0.07, 0.03], [0.05, 0.90, 0.05], [0.04, 0.06, 0.90]])
+REGIMES_MEANS = np.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+REGIMES_COVARIANCES = np.array([[[0.5, 0.2], [0.2, 0.4]], [[0.3, -0.1], [-0.1, 0.6]], [[0.8, 0.0], [0.0, 0.2]]])
+
+
+def sample_regimes(n: int, length: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` sequences [n, length, 2] of the regimes HMM and their hidden states [n, length]."""
+    rng = np.random.default_rng(seed)
+    states = np.empty((n, length), dtype=np.int64)
+    states[:, 0] = rng.choice(3, size=n, p=REGIMES_START)
+    for t in range(1, length):
+        u = rng.random(n)[:, None]
+        states[:, t] = np.minimum((np.cumsum(REGIMES_TRANSMAT[states[:, t - 1]], axis=1) < u).sum(axis=1), 2)
+    chol = np.linalg.cholesky(REGIMES_COVARIANCES)
+    z = rng.standard_normal((n, length, 2))
+    return REGIMES_MEANS[states] + np.einsum("ntij,ntj->nti", chol[states], z), states
+
+
+def regimes(n: int = 400, length: int = 50) -> Dataset:
+    X, _ = sample_regimes(n, length, seed=0)
+    X_train, X_test = train_test_split(X, test_size=0.3, random_state=0)
+    return Dataset("regimes", X_train, X_test)
+
+
 def from_file(path: Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
@@ -103,7 +131,7 @@ def from_file(path: Path) -> Dataset:
     return Dataset(path.stem, X_train, X_test)
 
 
-NAMED = {"digits": digits, "grid25": grid25, "digits-bold": digits_bold}
+NAMED = {"digits": digits, "grid25": grid25, "digits-bold": digits_bold, "regimes": regimes}
 
 
 def load(name_or_path: str) -> Dataset:
