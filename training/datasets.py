@@ -10,7 +10,8 @@
 * ``grid25`` — 25 Gaussians at {-4,-2,0,2,4}^2 with sigma 0.05 (the G1 protocol), generated.
 * ``regimes`` — 400 sequences [T=50, D=2] from a known 3-state Gaussian HMM (``REGIMES_*``),
   generated with ``default_rng(0)``, split 70/30 with ``random_state=0``: ``X_train`` is 3-D.
-* a path to a ``.npy`` or ``.csv`` file of rows, split 70/30 with ``random_state=0``.
+* a path to a ``.npy`` or ``.csv`` file of rows (a ``.npy`` may also hold sequences
+  [N, T, D]), split 70/30 with ``random_state=0``.
 
 Hyper-parameters are never chosen on ``X_test``: estimators that select (KDE ``cv``, GMM
 ``auto``) split their own validation part off the training rows they are given.
@@ -123,8 +124,10 @@ def from_file(path: Path) -> Dataset:
         X = np.loadtxt(path, delimiter=",", ndmin=2)
     else:
         raise ValueError(f"--data {path}: expected a .npy or .csv file, got {path.suffix or 'no suffix'!r}")
-    if X.ndim != 2 or len(X) < 10:
-        raise ValueError(f"--data {path}: expected a 2-D array of at least 10 rows, got shape {X.shape}")
+    dims = (2, 3) if path.suffix == ".npy" else (2,)  # .npy may hold sequences [N, T, D]
+    if X.ndim not in dims or len(X) < 10 or 0 in X.shape:
+        expected = "a 2-D array of rows or a 3-D array of sequences [N, T, D]" if len(dims) > 1 else "a 2-D array"
+        raise ValueError(f"--data {path}: expected {expected} with at least 10 rows, got shape {X.shape}")
     if not np.issubdtype(X.dtype, np.number) or not np.all(np.isfinite(X)):
         raise ValueError(f"--data {path}: rows must be finite numbers")
     X_train, X_test = train_test_split(X.astype(np.float64), test_size=0.3, random_state=0)
