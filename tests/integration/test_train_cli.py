@@ -41,7 +41,7 @@ def test_train_reads_csv_rows_and_names_the_model_after_the_file(tmp_path):
     (["kde", "--data", "grid25", "--bandwidth", "wide"], "expected FLOAT or scott or silverman or cv"),
     (["kde", "--data", "grid25", "--kernel", "triangle"], "invalid choice: 'triangle'"),
     (["gaussian", "--data", "missing.npy"], "no such file"),
-    (["gaussian", "--data", "mnist"], "expected one of ['digits', 'grid25']"),
+    (["gaussian", "--data", "mnist"], "'mnist': expected one of ['digits'"),
     (["gaussian", "--data", "grid25", "--contamination", "2"], "expected a rate in (0, 1)"),
     (["flow", "--data", "grid25"], "invalid choice: 'flow'"),
 ])
