@@ -80,6 +80,14 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             Option("--covariance", "covariance_type", str, "covariance structure",
                    ("full", "diag", "auto"))),
            {"n_components": "auto", "covariance_type": "auto"}),
+    Family("hmm", "training.estimators.hmm:GaussianHMM",
+           "Gaussian hidden Markov model fitted by Baum-Welch EM, for sequences [N, T, D]",
+           (Option("--states", "n_states", _number_or(int, "auto"),
+                   "INT or auto (chosen on held-out sequences)"),
+            Option("--covariance", "covariance_type", str, "emission covariance structure", ("full", "diag")),
+            Option("--iterations", "n_iter", int, "EM iterations per run"),
+            Option("--restarts", "n_init", int, "EM runs from different k-means++ starts")),
+           {"n_states": "auto", "verbose": True}),
 )}
 
 
