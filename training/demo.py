@@ -21,6 +21,7 @@ DEMO_MODELS: dict[str, tuple[str, str, dict]] = {
     "digits-gmm": ("gmm", "digits", {"n_components": "auto", "covariance_type": "auto"}),
     "grid25-histogram": ("histogram", "grid25", {"bins": "auto"}),
     "grid25-kde": ("kde", "grid25", {"kernel": "gaussian", "bandwidth": "cv"}),
+    "regimes-hmm": ("hmm", "regimes", {"n_states": "auto"}),
 }
 
 
