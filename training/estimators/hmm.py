@@ -50,8 +50,9 @@ def as_sequences(X: Any, name: str = "X") -> torch.Tensor:
 
 
 class GaussianHMM(GenerativeEstimator):
-    """Gaussian hidden Markov model fitted by Baum–Welch EM, with the number of states chosen on
-    held-out sequences.
+    """Gaussian hidden Markov model for sequences [N, T, D], fitted by Baum–Welch EM.
+
+    The number of states is given or chosen on held-out sequences.
 
     Parameters
     ----------
@@ -226,7 +227,8 @@ class GaussianHMM(GenerativeEstimator):
     @torch.no_grad()
     def log_prob(self, X: Any) -> torch.Tensor:
         """float64 [N] log p(sequence) in nats, for sequences of any length T >= 1."""
-        return self.core_.log_prob(self._sequences(X))
+        x = self._sequences(X)
+        return self.core_.log_prob(x)
 
     def score_samples(self, X: Any) -> np.ndarray:
         return self.log_prob(X).numpy()
@@ -303,13 +305,19 @@ class GaussianHMM(GenerativeEstimator):
         D = self.n_features_in_
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
         steps = np.arange(samples.shape[1])
-        for i in range(3):
-            for j in range(min(D, 2)):
-                axes[0].plot(steps, samples[i, :, j], lw=1, alpha=0.8,
-                             label=f"sample {i}, feature {j}")
+        states = self.predict_proba(samples[:3]).argmax(axis=2)
+        spread = float(np.ptp(samples[:3, :, 0])) or 1.0
+        for i in range(3):  # feature 0 of three sequences, stacked, each step coloured by its state
+            offset = -1.2 * spread * i
+            axes[0].plot(steps, samples[i, :, 0] + offset, c="0.6", lw=1)
+            points = axes[0].scatter(steps, samples[i, :, 0] + offset, c=states[i], s=12, cmap="tab10",
+                                     vmin=0, vmax=9)
+        handles = [axes[0].scatter([], [], color=points.cmap(points.norm(k)), s=12) for k in range(self.n_states_)]
+        axes[0].legend(handles, [str(k) for k in range(self.n_states_)], title="state", fontsize=7,
+                       loc="upper right")
+        axes[0].set_yticks([])
         axes[0].set_xlabel("time step")
-        axes[0].set_title("three sampled sequences (seed 0)")
-        axes[0].legend(fontsize=7, ncol=2)
+        axes[0].set_title("feature 0 of three sampled sequences (seed 0),\ncoloured by the most probable state")
         if D >= 2:
             train = data.X_train.reshape(-1, D)[:5000]
             axes[1].scatter(train[:, 0], train[:, 1], s=2, alpha=0.3, label="training frames")

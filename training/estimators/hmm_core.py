@@ -55,6 +55,7 @@ from normal noise z [N, T, D] (x_t = mu_s + L_s z_t, L_s the Cholesky factor).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import List
 
@@ -66,7 +67,15 @@ from serving.repository.manifest import TensorSpec
 from training.estimators.gmm import _Collapse, _global_covariance, _kmeans_plus_plus, _lloyd, _m_step, make_core
 
 
-@torch.jit.script
+def _script(fn):
+    """``torch.jit.script`` without its deprecation warning: scripting is how the legacy
+    (TorchScript) ONNX exporter, which this project uses, keeps a loop a loop."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(fn)
+
+
+@_script
 def forward_log_likelihood(log_b: torch.Tensor, log_start: torch.Tensor, transmat: torch.Tensor) -> torch.Tensor:
     """log p(x) [N] from emission log-densities ``log_b`` [N, T, K] (scripted: an ONNX Loop)."""
     a = log_start.unsqueeze(0) + log_b[:, 0]
@@ -85,7 +94,7 @@ def forward_log_likelihood(log_b: torch.Tensor, log_start: torch.Tensor, transma
     return total
 
 
-@torch.jit.script
+@_script
 def sample_states(u: torch.Tensor, cum_start: torch.Tensor, cum_transmat: torch.Tensor) -> torch.Tensor:
     """State paths int64 [N, T] from uniforms ``u`` [N, T] (scripted: an ONNX Loop)."""
     last = cum_start.shape[0] - 1
