@@ -131,6 +131,8 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {p: v for p in _PACKAGES if (v := _version(p)) is not None},
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # The machine may be shared: other processes' load inflates wall-clock timings.
+        "loadavg_1_5_15_at_start": load_average(),
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -142,6 +144,13 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+def load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def machine_line(info: dict[str, Any] | None = None) -> str:
     info = info or machine_info()
     v = info["versions"]
@@ -149,7 +158,8 @@ def machine_line(info: dict[str, Any] | None = None) -> str:
     return (f"{info['cpu_model']}, {info['cpus_usable'] or info['cpu_count']} cores, {info['memory_gib']} GiB; "
             f"python {info['python']}, torch {v.get('torch')}, onnxruntime {ort}, "
             f"scikit-learn {v.get('scikit-learn')}, pyod {v.get('pyod')}; {info['date_utc']}; "
-            f"commit {(info['git_commit'] or '?')[:10]}{' (dirty)' if info['git_dirty'] else ''}")
+            f"commit {(info['git_commit'] or '?')[:10]}{' (dirty)' if info['git_dirty'] else ''}; "
+            f"load average at start {info['loadavg_1_5_15_at_start']} (1/5/15 min)")
 
 
 # ---- tables --------------------------------------------------------------------------------------
@@ -214,14 +224,40 @@ def write_results(name: str, results: dict[str, Any], info: dict[str, Any] | Non
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
-    payload = {"benchmark": name, "machine": info or machine_info(), **results}
+    info = dict(info or machine_info())
+    info["loadavg_1_5_15_at_end"] = load_average()
+    payload = {"benchmark": name, "machine": info, **results}
     tmp.write_text(json.dumps(_jsonable(payload), indent=2, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
-    print(f"\nResults written to {path.relative_to(REPO_ROOT)}")
+    print(f"\nLoad average at end {info['loadavg_1_5_15_at_end']} (1/5/15 min) on {info['cpus_usable']} cores. "
+          f"Results written to {path.relative_to(REPO_ROOT)}")
     return path
 
 
 # ---- timing --------------------------------------------------------------------------------------
+def _stats(times: list[float], repeats: int, warmup: int) -> dict[str, Any]:
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "runs_s": times, "repeats": repeats, "warmup": warmup}
+
+
+def interleaved_timings(fns: dict[str, Callable[[], Any]], repeats: int = 3,
+                        warmup: Sequence[str] = ()) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Time several alternatives in rounds (each round runs every one once, in order), so that a
+    change in the machine's background load hits all of them alike; ``warmup`` names run once
+    untimed first. Returns timing stats per name and each one's last result."""
+    last: dict[str, Any] = {}
+    for name in warmup:
+        last[name] = fns[name]()
+    runs: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            last[name] = fn()
+            runs[name].append(time.perf_counter() - started)
+        log(f"  round {round_ + 1}/{repeats}: " + ", ".join(f"{n} {runs[n][-1]:.2f} s" for n in fns))
+    return {n: _stats(runs[n], repeats, int(n in warmup)) for n in fns}, last
+
+
 def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> tuple[dict[str, Any], Any]:
     """Run ``fn`` ``warmup`` + ``repeats`` times; return timing stats (seconds) and the last result."""
     result = None
@@ -232,8 +268,7 @@ def time_call(fn: Callable[[], Any], repeats: int = 3, warmup: int = 0) -> tuple
         started = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - started)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "runs_s": times, "repeats": repeats, "warmup": warmup}, result
+    return _stats(times, repeats, warmup), result
 
 
 if __name__ == "__main__":

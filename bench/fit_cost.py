@@ -7,7 +7,9 @@ another's. Inside the child:
 
 * baseline RSS = ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after importing torch, scikit-learn
   and genserve's training package and loading the data (the interpreter's own footprint);
-* the fit (or the demo build) is timed with ``time.perf_counter``;
+* the fit (or the demo build) is timed with ``time.perf_counter`` (wall) and by the child's
+  user + system CPU time over the same span (``ru_utime + ru_stime``, all threads), which is
+  less sensitive to other processes' load when the machine is shared;
 * peak RSS = ``ru_maxrss`` afterwards, the process's high-water mark (Linux: KiB; reported in
   MiB). ``peak - baseline`` is the extra memory the fit needed above what was already resident.
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -42,6 +45,11 @@ def _rss_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child_family(name: str) -> dict[str, Any]:
     import warnings
 
@@ -51,7 +59,7 @@ def child_family(name: str) -> dict[str, Any]:
     data = datasets.digits()
     spec = registry.get(name)
     estimator = spec.create(**DIGITS_FAMILY_PARAMS.get(name, {}))
-    baseline = _rss_kib()
+    baseline, cpu0 = _rss_kib(), _cpu_s()
     started = time.perf_counter()
     try:
         with warnings.catch_warnings():
@@ -61,25 +69,28 @@ def child_family(name: str) -> dict[str, Any]:
         return {"status": "n/a" if name == "histogram" else "error", "note": str(refused),
                 "baseline_kib": baseline, "peak_kib": _rss_kib()}
     fit_s = time.perf_counter() - started
+    cpu_s = _cpu_s() - cpu0
     chosen = estimator.fitted_params()
     keys = [o.param for o in spec.options]
     shown = {k: chosen[k] for k in keys if k in chosen}
     if "bandwidth_" in chosen:
         shown["bandwidth"] = chosen["bandwidth_"]
-    return {"status": "ok", "fit_s": fit_s, "baseline_kib": baseline, "peak_kib": _rss_kib(),
-            "chosen": shown, "torch_threads": torch.get_num_threads()}
+    return {"status": "ok", "fit_s": fit_s, "cpu_s": cpu_s, "baseline_kib": baseline, "peak_kib": _rss_kib(),
+            "chosen": shown, "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
 
 
 def child_demo(folder: str) -> dict[str, Any]:
     import torch  # noqa: F401  (imported before the baseline, like the family children)
     from training.demo import DEMO_MODELS, build_demo_repository
 
-    baseline = _rss_kib()
+    baseline, cpu0 = _rss_kib(), _cpu_s()
     started = time.perf_counter()
     built = build_demo_repository(Path(folder), log=lambda line: print(line, file=sys.stderr, flush=True))
     elapsed = time.perf_counter() - started
+    cpu_s = _cpu_s() - cpu0
     size = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
-    return {"status": "ok", "build_s": elapsed, "baseline_kib": baseline, "peak_kib": _rss_kib(),
+    return {"status": "ok", "build_s": elapsed, "cpu_s": cpu_s, "loadavg": os.getloadavg(),
+            "baseline_kib": baseline, "peak_kib": _rss_kib(),
             "models": built, "n_models": len(DEMO_MODELS), "repo_bytes": size}
 
 
@@ -135,6 +146,7 @@ def main() -> None:
                                "status": runs[-1]["status"]}
         if ok:
             row.update(seconds=statistics.median(r["fit_s"] for r in ok),
+                   cpu_seconds=statistics.median(r["cpu_s"] for r in ok),
                        baseline_mib=mib(max(r["baseline_kib"] for r in ok)),
                        peak_mib=mib(max(r["peak_kib"] for r in ok)),
                        extra_mib=mib(max(r["peak_kib"] - r["baseline_kib"] for r in ok)),
@@ -156,6 +168,7 @@ def main() -> None:
         row = {"what": "build the demo repository", "family": "demo", "runs": runs, "status": runs[-1]["status"]}
         if ok:
             row.update(seconds=statistics.median(r["build_s"] for r in ok),
+                       cpu_seconds=statistics.median(r["cpu_s"] for r in ok),
                        baseline_mib=mib(max(r["baseline_kib"] for r in ok)),
                        peak_mib=mib(max(r["peak_kib"] for r in ok)),
                        extra_mib=mib(max(r["peak_kib"] - r["baseline_kib"] for r in ok)),
@@ -168,13 +181,15 @@ def main() -> None:
     print(f"## Fit cost — time and peak memory (fresh child process each)\n\n{machine_line(info)}\n\n"
           "Peak = ru_maxrss of the child (RUSAGE_SELF) after the fit; baseline = the same before it, after "
           "imports and data loading; extra = peak − baseline. Time = median over children of the fit "
-          "alone (perf_counter), imports excluded.")
+          "alone (perf_counter), imports excluded; CPU s = user + system time of the child over the same span "
+          "(all threads; less sensitive than wall time to other processes' load on a shared machine).")
     print_table("digits (1,257 training rows, 64 dimensions); demo = every model of training.demo.DEMO_MODELS",
-                ["what", "chosen", "seconds (median)", "runs", "baseline RSS MiB", "peak RSS MiB", "extra MiB",
-                 "note"],
+                ["what", "chosen", "wall s (median)", "CPU s (median)", "runs", "baseline RSS MiB", "peak RSS MiB",
+                 "extra MiB", "note"],
                 [[r["what"], ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in r.get("chosen", {}).items()) or "–",
-                  f"{r['seconds']:.2f}" if "seconds" in r else r["status"], r.get("repeats", "–"),
+                  f"{r['seconds']:.2f}" if "seconds" in r else r["status"],
+                  f"{r['cpu_seconds']:.2f}" if "cpu_seconds" in r else "–", r.get("repeats", "–"),
                   f"{r['baseline_mib']:.0f}" if "baseline_mib" in r else "–",
                   f"{r['peak_mib']:.0f}" if "peak_mib" in r else "–",
                   f"{r['extra_mib']:.0f}" if "extra_mib" in r else "–", r.get("note", "")] for r in rows])

@@ -9,12 +9,14 @@ kernel, bandwidth 2.0 by default: at h = 1 the nearest training point carries mo
 query's density (median share 58 %), at h = 2 the median largest share is about 2 % and about
 400 points contribute (the script measures and prints this), so the sum is really a sum.
 
-Timed (median of ``--repeats`` runs, after one warm-up run for all but scikit-learn):
+Timed: median of ``--repeats`` interleaved rounds, each running every path once in turn (the
+machine may be shared, and interleaving makes a change of background load hit every path
+alike), after one warm-up run for all but scikit-learn:
 * scikit-learn ``KernelDensity(kernel="gaussian", bandwidth=h, rtol=0).score_samples`` — exact;
 * genserve torch estimator ``log_prob`` (float64, torch's default threads), all queries in one
   call (a [10k, 10k] float64 distance matrix) and in chunks of ``--chunk`` rows;
 * the published ``score.onnx`` in onnxruntime in-process, CPU provider, intra-op threads 2 and 1,
-  all queries in one run;
+  all queries in one run and in chunks of ``--chunk`` rows (what the served path sends);
 * the served graph: ``python -m genserve serve`` in a separate process on a free 127.0.0.1 port,
   the KDE published into a temporary repository with ``training.publish.publish``; the client
   (``serving.client.GenServeClient``) sends the queries in chunks of ``--chunk`` rows, in two
@@ -31,7 +33,7 @@ values are themselves checked against a brute-force float64 computation on the f
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import signal
 import socket
 import subprocess
@@ -44,8 +46,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common import (REPO_ROOT, exact_gaussian_kde, log, machine_info, machine_line, max_rel_diff, print_table,
-                    time_call, write_results)
+from common import (REPO_ROOT, exact_gaussian_kde, interleaved_timings, log, machine_info, machine_line,
+                    max_rel_diff, print_table, write_results)
 
 EXACT_CHECK_QUERIES = 500
 
@@ -152,44 +154,35 @@ def main() -> None:
     log(f"S2: {len(X)} training points, {len(Q)} queries, d={d}, h={h}; {spread}")
     rows: list[dict[str, Any]] = []
 
-    # ---- scikit-learn reference ----
+    estimator = registry.get("kde").create(kernel="gaussian", bandwidth=h).fit(X)
     sk = SkKernelDensity(kernel="gaussian", bandwidth=h, rtol=0.0).fit(X)
-    log("scikit-learn score_samples (exact, rtol=0) ...")
+    threads = torch.get_num_threads()
+    # name -> (label, callable returning log p for all of Q, note)
+    paths: dict[str, tuple[str, Callable[[], np.ndarray], str]] = {}
+    scale = 1.0
     if args.sklearn_subset and args.sklearn_subset < len(Q):
         sub = Q[:args.sklearn_subset]
-        stats, _ = time_call(lambda: sk.score_samples(sub), args.repeats)
         scale = len(Q) / len(sub)
-        for key in ("median_s", "min_s", "max_s"):
-            stats[key] *= scale
-        stats["runs_s"] = [t * scale for t in stats["runs_s"]]
-        stats["scaled_from_queries"] = len(sub)
-        reference = sk.score_samples(Q)
-        note = f"timed on {len(sub)} queries, scaled ×{scale:g}"
+        paths["sklearn"] = ("scikit-learn KernelDensity.score_samples", lambda: sk.score_samples(sub),
+                            f"rtol=0, atol=0 (tree); timed on {len(sub)} queries, scaled ×{scale:g}")
     else:
-        stats, reference = time_call(lambda: sk.score_samples(Q), args.repeats)
-        note = "rtol=0, atol=0 (tree; checked against brute force)"
-    sk_s = stats["median_s"]
+        paths["sklearn"] = ("scikit-learn KernelDensity.score_samples", lambda: sk.score_samples(Q),
+                            "rtol=0, atol=0 (tree; checked against brute force)")
+    log("scikit-learn reference values ...")
+    reference = sk.score_samples(Q)
     exact = exact_gaussian_kde(X, Q[:EXACT_CHECK_QUERIES], h)
     sk_vs_exact = max_rel_diff(reference[:EXACT_CHECK_QUERIES], exact)
     log(f"  scikit-learn vs brute force on {EXACT_CHECK_QUERIES} queries: max rel diff {sk_vs_exact:.1e}")
-    rows.append({"path": "scikit-learn KernelDensity.score_samples", "timing": stats, "max_rel_diff": 0.0,
-                 "note": note})
-    log(f"  {sk_s:.2f} s")
+    paths["torch"] = (f"genserve torch estimator log_prob (float64, {threads} threads)",
+                      lambda: estimator.log_prob(Q).numpy(), "all queries in one call")
+    paths["torch-chunked"] = (f"genserve torch estimator log_prob (float64, {threads} threads), chunked",
+                              lambda: np.concatenate([estimator.log_prob(Q[i:i + args.chunk]).numpy()
+                                                      for i in range(0, len(Q), args.chunk)]),
+                              f"chunks of {args.chunk} rows")
+    extra_info: dict[str, dict[str, Any]] = {}
+    errors: list[dict[str, Any]] = []
 
-    # ---- torch estimator ----
-    estimator = registry.get("kde").create(kernel="gaussian", bandwidth=h).fit(X)
-    log(f"torch estimator log_prob ({torch.get_num_threads()} threads) ...")
-    stats, out = time_call(lambda: estimator.log_prob(Q).numpy(), args.repeats, warmup=1)
-    rows.append({"path": f"genserve torch estimator log_prob (float64, {torch.get_num_threads()} threads)",
-                 "timing": stats, "max_rel_diff": max_rel_diff(out, reference), "note": "all queries at once"})
-    log(f"torch estimator log_prob in chunks of {args.chunk} rows ...")
-    stats, out = time_call(lambda: np.concatenate([estimator.log_prob(Q[i:i + args.chunk]).numpy()
-                                                   for i in range(0, len(Q), args.chunk)]), args.repeats, warmup=1)
-    rows.append({"path": f"genserve torch estimator log_prob (float64, {torch.get_num_threads()} threads), chunked",
-                 "timing": stats, "max_rel_diff": max_rel_diff(out, reference),
-                 "note": f"chunks of {args.chunk} rows"})
-
-    with tempfile.TemporaryDirectory(prefix="genserve-s2-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="genserve-s2-") as tmp, contextlib.ExitStack() as stack:
         repo = Path(tmp) / "repo"
         data = Dataset("s2-gaussian64", X, Q[:256])
         started = time.perf_counter()
@@ -199,54 +192,68 @@ def main() -> None:
         onnx_path = path / manifest.graphs["score"].file
         log(f"published {path} in {publish_s:.1f} s (export check {manifest.export_check.max_rel_diff})")
 
-        # ---- onnxruntime in-process ----
-        for threads in (2, 1):
+        for n_threads in (2, 1):
             options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
+            options.intra_op_num_threads = n_threads
             options.inter_op_num_threads = 1
             session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-            log(f"onnxruntime in-process, {threads} thread(s) ...")
-            stats, out = time_call(lambda: session.run(["log_prob"], {"x": Q32})[0], args.repeats, warmup=1)
-            rows.append({"path": f"onnxruntime in-process, CPU, intra-op {threads} thread(s)", "timing": stats,
-                         "max_rel_diff": max_rel_diff(out, reference), "note": "all queries in one run"})
-            del session
+            paths[f"ort-{n_threads}"] = (f"onnxruntime in-process, CPU, intra-op {n_threads} thread(s)",
+                                         lambda s=session: s.run(["log_prob"], {"x": Q32})[0],
+                                         "the published score.onnx, all queries in one run")
+            paths[f"ort-{n_threads}-chunked"] = (
+                f"onnxruntime in-process, CPU, intra-op {n_threads} thread(s), chunked",
+                lambda s=session: np.concatenate([s.run(["log_prob"], {"x": Q32[i:i + args.chunk]})[0]
+                                                  for i in range(0, len(Q32), args.chunk)]),
+                f"the published score.onnx, chunks of {args.chunk} rows (as the served path)")
 
-        # ---- served over gRPC ----
         served_configs = [
-            ("server defaults (intra-op 1, worker threads = cores), 2 requests in flight", [], 2),
-            ("server --intra-op-threads 2 --worker-threads 1, 1 request in flight",
-             ["--intra-op-threads", "2", "--worker-threads", "1"], 1),
+            ("served-default", "served gRPC ScoreDensity: server defaults (intra-op 1, worker threads = cores), "
+                               "2 requests in flight", [], 2),
+            ("served-intra2", "served gRPC ScoreDensity: server --intra-op-threads 2 --worker-threads 1, "
+                              "1 request in flight", ["--intra-op-threads", "2", "--worker-threads", "1"], 1),
         ]
         if not args.skip_served:
             from serving.client import GenServeClient
 
-            for label, extra, in_flight in served_configs:
-                server = ServerProcess(repo, extra, Path(tmp) / "server.log")
+            for key, label, extra, in_flight in served_configs:
+                server = ServerProcess(repo, extra, Path(tmp) / f"{key}.log")
+                stack.callback(server.stop)
                 try:
-                    with GenServeClient("127.0.0.1", server.port, timeout=600) as client:
-                        server.wait_ready(client)
-                        details = client.get_model("s2-kde")
-                        log(f"served ({label}) on port {server.port}, providers {details.providers} ...")
-                        stats, out = time_call(lambda: score_served(client, "s2-kde", Q32, args.chunk, in_flight),
-                                               args.repeats, warmup=1)
-                    rows.append({"path": f"served gRPC ScoreDensity: {label}", "timing": stats,
-                                 "max_rel_diff": max_rel_diff(out, reference),
-                                 "note": f"chunks of {args.chunk} rows, client in this process",
-                                 "server_command": server.command, "providers": details.providers})
+                    client = stack.enter_context(GenServeClient("127.0.0.1", server.port, timeout=600))
+                    server.wait_ready(client)
+                    details = client.get_model("s2-kde")
                 except Exception as error:
-                    log(f"  failed: {error}")
-                    log_text = (Path(tmp) / "server.log").read_text()[-2000:]
-                    rows.append({"path": f"served gRPC ScoreDensity: {label}", "status": "error",
-                                 "note": f"{type(error).__name__}: {error}", "server_log_tail": log_text})
-                finally:
-                    server.stop()
+                    log(f"  {label} failed to start: {error}")
+                    errors.append({"path": label, "status": "error", "note": f"{type(error).__name__}: {error}",
+                                   "server_log_tail": (Path(tmp) / f"{key}.log").read_text()[-2000:]})
+                    continue
+                log(f"{label}: port {server.port}, providers {details.providers}")
+                paths[key] = (label, lambda c=client, k=in_flight: score_served(c, "s2-kde", Q32, args.chunk, k),
+                              f"chunks of {args.chunk} rows, client in this process")
+                extra_info[key] = {"server_command": server.command, "providers": details.providers}
+
+        log(f"timing {len(paths)} paths in {args.repeats} interleaved rounds ...")
+        timings, outputs = interleaved_timings({k: v[1] for k, v in paths.items()}, args.repeats,
+                                               warmup=[k for k in paths if k != "sklearn"])
+
+    for key, (label, _, note) in paths.items():
+        stats = timings[key]
+        if key == "sklearn" and scale != 1.0:
+            stats = {**stats, "scaled_from_queries": len(Q) / scale,
+                     **{k: stats[k] * scale for k in ("median_s", "min_s", "max_s")},
+                     "runs_s": [t * scale for t in stats["runs_s"]]}
+        out = reference if key == "sklearn" else outputs[key]
+        rows.append({"path": label, "key": key, "timing": stats, "max_rel_diff": max_rel_diff(out, reference),
+                     "note": note, **extra_info.get(key, {})})
+    rows += errors
+    sk_s = rows[0]["timing"]["median_s"]
 
     for r in rows:
         if "timing" in r:
             t = r["timing"]["median_s"]
             r.update(seconds=t, queries_per_s=len(Q) / t, speedup_vs_sklearn=sk_s / t,
                      accuracy_met=r["max_rel_diff"] <= 1e-5)
-    served = [r for r in rows if r["path"].startswith("served") and "seconds" in r]
+    served = [r for r in rows if r.get("key", "").startswith("served") and "seconds" in r]
     goal = {"served_speedup_goal": 10.0,
             "best_served_speedup": max((r["speedup_vs_sklearn"] for r in served), default=None)}
     goal["met"] = goal["best_served_speedup"] is not None and goal["best_served_speedup"] >= 10.0
@@ -257,7 +264,8 @@ def main() -> None:
           f"{spread['median_largest_share']:.1%}, median effective number of points "
           f"{spread['median_effective_points']:.0f} (over {spread['queries']} queries). "
           f"scikit-learn's values agree with a brute-force float64 computation to {sk_vs_exact:.1e} relative "
-          f"(first {EXACT_CHECK_QUERIES} queries). Timings are medians of {args.repeats} runs. "
+          f"(first {EXACT_CHECK_QUERIES} queries). Timings are medians of {args.repeats} interleaved rounds "
+          f"(each round runs every path once; all but scikit-learn warmed up once first). "
           "No GPU is lent to this run.")
     print_table("Scoring 10,000 queries" if len(Q) == 10_000 else f"Scoring {len(Q):,} queries",
                 ["path", "seconds (median)", "queries/s", "speed-up vs scikit-learn", "max rel diff vs scikit-learn",
