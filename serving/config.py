@@ -15,6 +15,14 @@ also matters because every graph of every model owns a session) and ``worker_thr
 number of cores. A deployment serving few large requests (a kernel density on many rows) may
 prefer ``worker_threads=1, intra_op_threads=<cores>``. On GPU the CUDA provider does the work
 and these matter little.
+
+Since the dynamic batcher (``serving.runtime.batching``), ``worker_threads`` is both the number
+of runner threads per graph and the number of session runs at once across the server;
+``request_threads`` only decode, validate and wait for their batch (domain API; the Open
+Inference Protocol path waits on the event loop and needs none), so there may be many of them.
+``chunk_rows`` is the default ``max_batch_size`` of every graph's batcher (a manifest's
+``batching`` overrides it per model). ``workers`` > 1 runs that many server processes sharing
+the gRPC port (SO_REUSEPORT): one Python event loop tops out near a few thousand requests/s.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -90,6 +98,32 @@ class Settings(BaseSettings):
     chunk_rows: int = Field(default=4096, ge=1,
                             description="rows per session run; bounds e.g. a kernel density's N x n distance matrix")
     drain_seconds: float = Field(default=20.0, ge=0.0, description="grace for in-flight requests on SIGTERM")
+    # ---- dynamic batching, execution, reload, processes (serving engine) ----
+    request_threads: int = Field(default=64, ge=1,
+                                 description="threads preparing domain-API requests and waiting for their batch")
+    max_queue_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0,
+                                      description="longest wait for a batch to fill after its oldest request "
+                                                  "arrived; 0 = run what is queued as soon as a runner is free")
+    max_queue_size: int = Field(default=1024, ge=1,
+                                description="requests waiting per graph; more get RESOURCE_EXHAUSTED")
+    graph_instances: int = Field(default=1, ge=1, description="onnxruntime sessions per graph (e.g. 2 on a GPU)")
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
+        default="all", description="onnxruntime graph optimisation level")
+    cpu_mem_arena: bool = Field(default=True, description="onnxruntime CPU memory arena")
+    mem_pattern: bool = Field(default=True, description="onnxruntime memory pattern optimisation")
+    cuda_mem_limit: int = Field(default=0, ge=0, description="CUDA arena limit in bytes; 0 = no limit")
+    cuda_arena_extend_strategy: Literal["kNextPowerOfTwo", "kSameAsRequested"] = Field(
+        default="kSameAsRequested", description="how the CUDA arena grows")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = Field(
+        default="EXHAUSTIVE", description="cuDNN convolution algorithm search")
+    io_binding: bool = Field(default=True, description="IO binding for sessions that run on CUDA or TensorRT")
+    trt_fp16: bool = Field(default=False, description="TensorRT provider: allow FP16 kernels")
+    trt_engine_cache_dir: Path | None = Field(default=None, description="TensorRT provider: engine cache folder")
+    warm_up: bool = Field(default=True, description="run each graph at load so the first request is not slow")
+    reload_interval_s: float = Field(default=5.0, ge=0.0,
+                                     description="poll the repository for new versions this often; 0 = never")
+    workers: int = Field(default=1, ge=1, le=64,
+                         description="server processes sharing the gRPC port (SO_REUSEPORT); metrics port + i each")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @field_validator("providers", mode="before")

@@ -27,6 +27,10 @@ from prometheus_client.utils import floatToGoString
 
 UNKNOWN_MODEL = "_unknown"
 METHODS = ("ListModels", "GetModel", "ScoreDensity", "DetectAnomalies", "Sample", "Translate")
+OIP_METHODS = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+               "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
+               "RepositoryModelUnload")
+REQUEST_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                    1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -97,10 +101,12 @@ class Metrics:
         self.inference_duration = Histogram("genserve_inference_duration_seconds", "one onnxruntime session run",
                                             ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_duration = Histogram("genserve_queue_duration_seconds",
-                                        "request arrival to its first session run of a graph (executor queue)",
+                                        "time a request waited in a graph's batch queue before its run started",
                                         ["model", "graph"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_rows = Histogram("genserve_batch_rows", "rows per session run", ["model", "graph"],
-                                    buckets=ROW_BUCKETS, registry=r)
+        self.batch_rows = Histogram("genserve_batch_rows", "rows per session run (a merged batch)",
+                                    ["model", "graph"], buckets=ROW_BUCKETS, registry=r)
+        self.batch_requests = Histogram("genserve_batch_requests", "requests merged into one session run",
+                                        ["model", "graph"], buckets=REQUEST_BUCKETS, registry=r)
         self.rows = Counter("genserve_rows_total", "rows scored, detected, sampled or translated",
                             ["method", "model"], registry=r)
         self.anomaly_score = BatchHistogram("genserve_anomaly_score", "anomaly scores (-log p) of detected rows",
@@ -126,6 +132,13 @@ class Metrics:
         self.model_info.labels(name, str(version), family, provider).set(1)
         self.model_load.labels(name).set(seconds)
 
+    def model_unloaded(self, name: str, version: int, family: str, provider: str) -> None:
+        """A version stopped serving (replaced or unloaded): its info series goes away."""
+        try:
+            self.model_info.remove(name, str(version), family, provider)
+        except KeyError:
+            pass
+
     def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
         label = self.model_label(model) if model else ""
         self.requests.labels(method, label, code).inc()
@@ -147,6 +160,9 @@ class Metrics:
         label = self.model_label(model)
         self.inference_duration.labels(label, graph).observe(seconds)
         self.batch_rows.labels(label, graph).observe(rows)
+
+    def merged(self, model: str, graph: str, requests: int) -> None:
+        self.batch_requests.labels(self.model_label(model), graph).observe(requests)
 
     # ---- exposition ----------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:

@@ -13,34 +13,71 @@ Lifecycle, as Kubernetes sees it:
 
 ``GenServeServer`` is the async object the tests drive; ``serve_forever`` is the blocking entry
 the CLI and ``genserve demo`` call.
+
+One port carries the domain API (``genserve.v1.GenerativeService``), the Open Inference
+Protocol (``inference.GRPCInferenceService``, ``serving.services.inference``), health and
+reflection. Health has a service name per model (the model's name: SERVING while it serves) as
+well as the server's (``""``) and each API's. After the first load the repository is polled for
+new versions (``serving.services.reload``). With ``workers`` > 1, ``serve_forever`` starts that
+many server processes sharing the port through SO_REUSEPORT (the kernel spreads connections),
+each with its own metrics port (``metrics_port + i``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.api import genserve_pb2 as pb
 from serving.api import genserve_pb2_grpc as pb_grpc
+from serving.api import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
 from serving.config import Settings
 from serving.metrics import Metrics
 from serving.models.validation import Limits
-from serving.repository.loader import Repository, load_repository
+from serving.repository.loader import Repository
 from serving.runtime.session import RuntimeOptions, SessionFactory
 from serving.services.generative import GenerativeServicer
+from serving.services.inference import SERVICE_NAME as OIP_SERVICE_NAME
+from serving.services.inference import InferenceServicer
+from serving.services.reload import ModelManager
 from serving.services.state import ServingState
 
 log = logging.getLogger("genserve.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerativeService"].full_name
+SERVER_SERVICES = ("", SERVICE_NAME, OIP_SERVICE_NAME)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("genserve")
+    except Exception:
+        return "0"
+
+
+def reflection_pool() -> descriptor_pool.DescriptorPool:
+    """One pool with every service this server offers, for reflection.
+
+    The OIP messages live in a private pool (protos/generate.py explains why), so reflection gets
+    its own pool holding both APIs, health and reflection itself.
+    """
+    pool = descriptor_pool.DescriptorPool()
+    for module in (pb, health_pb2, reflection_pb2, model_config_pb2, grpc_service_pb2):
+        pool.AddSerializedFile(module.DESCRIPTOR.serialized_pb)
+    return pool
 
 
 class GenServeServer:
@@ -50,9 +87,12 @@ class GenServeServer:
         self.settings = settings
         self.state = ServingState()
         self.metrics = Metrics()
-        self.factory = SessionFactory(RuntimeOptions.from_settings(settings))
-        self.executor = ThreadPoolExecutor(max_workers=settings.worker_threads, thread_name_prefix="genserve-run")
+        self.factory = SessionFactory(RuntimeOptions.from_settings(settings), observer=self.metrics)
+        # Domain-API requests decode, validate and wait for their batch here; sessions run on the
+        # graphs' batcher threads.
+        self.executor = ThreadPoolExecutor(max_workers=settings.request_threads, thread_name_prefix="genserve-req")
         self.health = health.aio.HealthServicer()
+        self.manager = ModelManager(settings.repo, self.factory, self.state, self.metrics, self._set_model_health)
         self._server: grpc.aio.Server | None = None
         self._abort_drain = asyncio.Event()
         self.port = 0
@@ -67,16 +107,21 @@ class GenServeServer:
         s = self.settings
         if not s.repo.is_dir():
             raise FileNotFoundError(f"repo: {s.repo} is not a directory (expected <repo>/<model>/<version>/)")
-        # so_reuseport off: a port already in use must fail loudly, not be shared silently.
-        options = [*s.grpc_options(), ("grpc.so_reuseport", 0)]
+        # so_reuseport off for one process: a port already in use must fail loudly, not be shared
+        # silently. Several worker processes share it on purpose.
+        options = [*s.grpc_options(), ("grpc.so_reuseport", 1 if s.workers > 1 else 0)]
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_concurrent_rpcs)
-        servicer = GenerativeServicer(self.state, self.executor, self.metrics, Limits.from_settings(s))
+        limits = Limits.from_settings(s)
+        servicer = GenerativeServicer(self.state, self.executor, self.metrics, limits)
         pb_grpc.add_GenerativeServiceServicer_to_server(servicer, server)
+        self.inference = InferenceServicer(self.state, self.metrics, limits, self.manager, _version())
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        for service in ("", SERVICE_NAME):
+        for service in SERVER_SERVICES:
             await self.health.set(service, NOT_SERVING)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+            (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
+            pool=reflection_pool())
         try:
             self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         except RuntimeError as exc:
@@ -97,24 +142,27 @@ class GenServeServer:
             await self.load()
 
     async def load(self) -> Repository:
-        """Load the repository off the event loop, publish its metrics, and turn health SERVING."""
-        loop = asyncio.get_running_loop()
-        repository = await loop.run_in_executor(self.executor, load_repository, self.settings.repo, self.factory)
-        self.metrics.set_known_models(repository.names)
-        for model in repository.models.values():
-            self.metrics.model_loaded(model.name, model.version, model.manifest.family, model.provider,
-                                      model.load_seconds)
-        self.state.repository = repository
+        """Load the repository off the event loop, publish its metrics, turn health SERVING, start polling."""
+        repository = await self.manager.load_all()
         self._log_models(repository)
-        if repository.models and not self.state.draining:
-            for service in ("", SERVICE_NAME):
-                await self.health.set(service, SERVING)
-        elif not repository.models:
+        if not repository.models:
             log.error("no model of %s is available: health stays NOT_SERVING", self.settings.repo)
+        if not self.state.draining:
+            self.manager.start_polling(self.settings.reload_interval_s)
         return repository
 
+    async def _set_model_health(self, name: str, serving: bool) -> None:
+        """Called on every snapshot swap: the model's own health, and the server's."""
+        if self.state.draining:
+            return
+        await self.health.set(name, SERVING if serving else NOT_SERVING)
+        repository = self.state.repository
+        status = SERVING if repository is not None and repository.models else NOT_SERVING
+        for service in SERVER_SERVICES:
+            await self.health.set(service, status)
+
     def _log_models(self, repository: Repository) -> None:
-        available = ", ".join(f"{m.name} v{m.version} ({m.manifest.family}, {m.provider})"
+        available = ", ".join(f"{m.name} v{m.version} ({m.family}, {m.provider})"
                               for m in repository.models.values()) or "none"
         log.info("models available: %s", available)
         for bad in repository.unavailable.values():
@@ -124,6 +172,7 @@ class GenServeServer:
         """Stop taking new work and wait for in-flight requests; True if they all finished."""
         timeout = self.settings.drain_seconds if timeout is None else timeout
         self.state.draining = True
+        await self.manager.close()  # no more reloads
         await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, for good
         log.info("draining: %d request(s) in flight, waiting up to %.1f s", self.state.in_flight, timeout)
         idle = asyncio.ensure_future(self.state.wait_idle(timeout))
@@ -145,6 +194,11 @@ class GenServeServer:
         if self._server is not None:
             await self._server.stop(grace)
             self._server = None
+        await self.manager.close()
+        repository = self.state.repository
+        if repository is not None:
+            for model in repository.models.values():
+                model.retire()
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.metrics.close()
 
@@ -196,7 +250,47 @@ def configure_logging(settings: Settings) -> None:
     logging.getLogger().setLevel(settings.log_level_number)
 
 
-def serve_forever(settings: Settings) -> int:
-    """Run the server until SIGTERM/SIGINT, drain, stop; return the process exit code."""
+def _worker(settings_json: str, index: int) -> None:
+    settings = Settings.model_validate_json(settings_json)
     configure_logging(settings)
-    return asyncio.run(_serve(settings))
+    logging.getLogger().name = f"worker-{index}"
+    raise SystemExit(asyncio.run(_serve(settings)))
+
+
+def serve_forever(settings: Settings) -> int:
+    """Run the server until SIGTERM/SIGINT, drain, stop; return the process exit code.
+
+    With ``workers`` > 1: that many processes, each a full server (models, batchers, metrics on
+    ``metrics_port + i``) on the shared gRPC port; a signal to this parent is passed on to each.
+    Hot reload runs in every worker (each polls the repository); an OIP load/unload reaches only
+    the worker whose connection carried it, so with several workers rely on polling.
+    """
+    configure_logging(settings)
+    if settings.workers <= 1:
+        return asyncio.run(_serve(settings))
+    if settings.port == 0:
+        log.error("--workers %d needs a fixed --port (the workers must share one)", settings.workers)
+        return 2
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for index in range(settings.workers):
+        metrics_port = settings.metrics_port + index if settings.metrics_port else 0
+        worker = settings.model_copy(update={"metrics_port": metrics_port})
+        process = context.Process(target=_worker, args=(worker.model_dump_json(), index), name=f"genserve-{index}")
+        process.start()
+        processes.append(process)
+    log.info("started %d worker processes on port %d (SO_REUSEPORT): pids %s", settings.workers, settings.port,
+             [p.pid for p in processes])
+
+    def forward(signum: int, frame: object) -> None:
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    for process in processes:
+        process.join()
+        codes.append(process.exitcode or 0)
+    return max(codes)

@@ -1,0 +1,525 @@
+"""Dynamic batching per graph: concurrent requests merged into one session run, results split back.
+
+Triton's dynamic batcher is the model. Every served graph owns one ``Batcher``; whoever runs the
+graph — the domain API's operations (blocking, from a request thread) or the Open Inference
+Protocol servicer (``await``, from the event loop) — submits its feeds here and gets its own
+rows back. The batcher sits *below* the model operations, so they stay plain functions.
+
+Policy
+    * A request is a dict of input arrays sharing the batch axis 0. Requests are merged only when
+      every input has the same name, dtype and non-batch shape (a sequence graph's [N, T, D] with
+      a different T, or an image of another size, is never merged); the run's outputs are sliced
+      back by row offsets. Graphs that do not batch (a generic ONNX graph without a dynamic
+      first axis on every input and output, or whose outputs do not follow the batch at warm-up)
+      run each request on its own, unsplit.
+    * A runner thread takes the oldest waiting request and every compatible waiting request
+      behind it, up to ``max_batch_size`` rows. With ``max_queue_delay`` > 0 it first waits up to
+      that long after the oldest request arrived for the batch to fill (Triton's
+      ``max_queue_delay_microseconds``); with 0 it runs what is there as soon as it is free, so a
+      lone request pays no delay and under load batches grow on their own while the previous
+      run computes.
+    * A request larger than ``max_batch_size`` rows is split into pieces that run separately (and
+      in parallel on several runners). When the graph is expensive per row (the cost is learnt
+      from warm-up and from every run), a large request is also split across the idle runners,
+      so one 1,024-row kernel density request uses both cores instead of one.
+    * At most ``max_queue_size`` requests wait; one more is refused at once with
+      RESOURCE_EXHAUSTED (``ResourceExhausted``) rather than queueing without limit.
+    * A request whose deadline passed or whose client cancelled while it waited is dropped before
+      it runs (DEADLINE_EXCEEDED / CANCELLED); its batch-mates are unaffected.
+    * Runs happen on the batcher's own threads (never on the event loop; onnxruntime releases the
+      GIL), each holding one of the server-wide run slots (``worker_threads``), so several busy
+      graphs do not oversubscribe the cores. Runner ``i`` uses session ``i % instances``.
+    * Runner threads start on demand and end after being idle; a retired batcher (its model
+      version was replaced or unloaded) still serves whatever reaches it, so a request that
+      resolved the old version just before a swap completes instead of failing.
+
+Measured, per graph: the time each request waited (``queued``), each run's rows, requests and
+compute time (``ran``, ``merged``), and the OIP ModelStatistics counters (``GraphStats``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from serving.models.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServingError
+from serving.runtime.context import RunContext
+
+log = logging.getLogger(__name__)
+
+IDLE_EXIT_SECONDS = 30.0
+# Split a request across idle runners only when each piece would compute at least this long:
+# below it the hand-over between threads costs more than the parallelism brings.
+SPLIT_MIN_SECONDS = 0.002
+
+
+class BatchObserver(Protocol):
+    def queued(self, model: str, graph: str, seconds: float) -> None: ...
+
+    def ran(self, model: str, graph: str, rows: int, seconds: float) -> None: ...
+
+    def merged(self, model: str, graph: str, requests: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int = 4096
+    max_queue_delay_s: float = 0.0
+    max_queue_size: int = 1024
+    runners: int = 1
+    batchable: bool = True
+
+
+@dataclass
+class GraphStats:
+    """Counters behind OIP ModelStatistics (Triton's meaning: counts and total nanoseconds)."""
+
+    success: list[int] = field(default_factory=lambda: [0, 0])
+    fail: list[int] = field(default_factory=lambda: [0, 0])
+    queue: list[int] = field(default_factory=lambda: [0, 0])
+    compute_input: list[int] = field(default_factory=lambda: [0, 0])
+    compute_infer: list[int] = field(default_factory=lambda: [0, 0])
+    compute_output: list[int] = field(default_factory=lambda: [0, 0])
+    inference_count: int = 0  # rows
+    execution_count: int = 0  # session runs
+    last_inference_ms: int = 0
+    # batch size (rows) -> [runs, compute_input ns, compute_infer ns, compute_output ns]
+    batches: dict[int, list[int]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self.lock:
+            return {"success": tuple(self.success), "fail": tuple(self.fail), "queue": tuple(self.queue),
+                    "compute_input": tuple(self.compute_input), "compute_infer": tuple(self.compute_infer),
+                    "compute_output": tuple(self.compute_output), "inference_count": self.inference_count,
+                    "execution_count": self.execution_count, "last_inference_ms": self.last_inference_ms,
+                    "batches": {k: tuple(v) for k, v in sorted(self.batches.items())}}
+
+
+class _Request:
+    __slots__ = ("feeds", "rows", "ctx", "submitted", "untaken", "pending", "parts", "done", "queued_seen",
+                 "future", "loop", "afuture", "run_started", "max_rows")
+
+    def __init__(self, feeds: dict[str, np.ndarray], rows: int, ctx: RunContext | None, max_rows: int = 0):
+        self.feeds = feeds
+        self.rows = rows
+        self.ctx = ctx
+        self.max_rows = max_rows
+        self.submitted = time.monotonic()
+        self.untaken = 0  # pieces still in the queue
+        self.pending = 0  # pieces not finished
+        self.parts: list[list[np.ndarray] | None] = []
+        self.done = False
+        self.queued_seen = False
+        self.run_started = 0.0
+        self.future: Future | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.afuture: asyncio.Future | None = None
+
+
+class _Piece:
+    __slots__ = ("request", "index", "start", "stop", "key")
+
+    def __init__(self, request: _Request, index: int, start: int, stop: int, key: object):
+        self.request, self.index, self.start, self.stop, self.key = request, index, start, stop, key
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        r = self.request
+        if self.start == 0 and self.stop == r.rows:
+            return r.feeds
+        return {k: v[self.start:self.stop] for k, v in r.feeds.items()}
+
+
+RunFn = Callable[[int, dict[str, np.ndarray]], list[np.ndarray]]
+
+
+def _deliver_async(results: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for future, value, error in results:
+        if future.done():  # the caller was cancelled meanwhile
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(value)
+
+
+class Batcher:
+    """The queue and runner threads of one graph; see the module docstring for the policy.
+
+    ``run(instance, feeds)`` performs one session run on session ``instance`` and returns the
+    outputs in order; ``slots`` bounds session runs across the whole server.
+    """
+
+    def __init__(self, model: str, graph: str, run: RunFn, policy: BatchPolicy,
+                 observer: BatchObserver | None = None, slots: threading.Semaphore | None = None,
+                 seconds_per_row: float = 0.0):
+        self.model, self.graph = model, graph
+        self.policy = policy
+        self.stats = GraphStats()
+        self._run = run
+        self._observer = observer
+        self._slots = slots
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: deque[_Piece] = deque()
+        self._waiting = 0  # requests with a piece still queued
+        self._runners = 0
+        self._idle = 0
+        self._next_runner = 0
+        self._retired = False
+        self._seconds_per_row = seconds_per_row
+
+    # ---- submitting ------------------------------------------------------------------------
+    def _key(self, feeds: dict[str, np.ndarray]) -> object:
+        if not self.policy.batchable:
+            return object()  # never equal to another request's key: never merged
+        return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
+
+    def _pieces(self, request: _Request, key: object) -> list[_Piece]:
+        rows, policy = request.rows, self.policy
+        if not policy.batchable or rows <= 1:
+            return [_Piece(request, 0, 0, rows, key)]
+        size = min(rows, policy.max_batch_size, request.max_rows or rows)
+        if policy.runners > 1 and self._seconds_per_row > 0:
+            # Spread an expensive request over the runners when each share is worth a thread.
+            share = math.ceil(rows / policy.runners)
+            if share * self._seconds_per_row >= SPLIT_MIN_SECONDS:
+                size = min(size, share)
+        return [_Piece(request, i, start, min(start + size, rows), key)
+                for i, start in enumerate(range(0, rows, size))]
+
+    def _enqueue(self, request: _Request) -> None:
+        if request.rows < 1:
+            raise ValueError("a batch needs at least one row")
+        key = self._key(request.feeds)
+        pieces = self._pieces(request, key)
+        request.untaken = request.pending = len(pieces)
+        request.parts = [None] * len(pieces)
+        with self._cond:
+            if self._waiting >= self.policy.max_queue_size:
+                raise ResourceExhausted(
+                    f"the queue of graph {self.graph!r} of model {self.model!r} is full ({self._waiting} requests "
+                    f"waiting, max_queue_size {self.policy.max_queue_size}); retry shortly or add replicas")
+            self._waiting += 1
+            self._queue.extend(pieces)
+            idle = self._idle
+            if idle:
+                self._cond.notify(min(idle, len(pieces)))
+            for _ in range(min(len(pieces) - idle, self.policy.runners - self._runners)):
+                self._start_runner()
+
+    def submit(self, feeds: dict[str, np.ndarray], ctx: RunContext | None = None, max_rows: int = 0) -> Future:
+        """Queue ``feeds``; the Future gives this request's outputs (or raises its error).
+
+        ``max_rows`` > 0 caps the rows of this request's pieces (the operations' chunk size); the
+        pieces of one request never share a run.
+        """
+        request = _Request(feeds, _rows(feeds), ctx, max_rows)
+        request.future = Future()
+        self._enqueue(request)
+        return request.future
+
+    def run(self, feeds: dict[str, np.ndarray], ctx: RunContext | None = None) -> list[np.ndarray]:
+        """Blocking: queue ``feeds`` and wait for this request's outputs."""
+        return self.submit(feeds, ctx).result()
+
+    async def infer(self, feeds: dict[str, np.ndarray], ctx: RunContext | None = None) -> list[np.ndarray]:
+        """From the event loop: queue ``feeds`` and await this request's outputs."""
+        loop = asyncio.get_running_loop()
+        request = _Request(feeds, _rows(feeds), ctx)
+        request.loop = loop
+        request.afuture = loop.create_future()
+        self._enqueue(request)
+        return await request.afuture
+
+    # ---- lifecycle -------------------------------------------------------------------------
+    def retire(self) -> None:
+        """Let the runner threads end once the queue is empty (a later submit restarts one)."""
+        with self._cond:
+            self._retired = True
+            self._cond.notify_all()
+
+    @property
+    def queued_requests(self) -> int:
+        return self._waiting
+
+    @property
+    def seconds_per_row(self) -> float:
+        return self._seconds_per_row
+
+    def _start_runner(self) -> None:
+        index = self._next_runner
+        self._next_runner += 1
+        self._runners += 1
+        thread = threading.Thread(target=self._runner, args=(index,), daemon=True,
+                                  name=f"genserve-batch-{self.model}-{self.graph}-{index}")
+        thread.start()
+
+    # ---- the runner ------------------------------------------------------------------------
+    def _runner(self, index: int) -> None:
+        try:
+            while True:
+                with self._cond:
+                    taken = self._take()
+                    if taken is None:
+                        self._runners -= 1
+                        return
+                batch, dropped = taken
+                for request, error in dropped:
+                    self._deliver_error(request, error)
+                if batch:
+                    self._execute(index, batch)
+        except BaseException:  # pragma: no cover - a bug in the batcher itself
+            log.exception("batch runner of %s/%s failed", self.model, self.graph)
+            with self._cond:
+                self._runners -= 1
+            raise
+
+    def _take(self) -> tuple[list[_Piece], list[tuple[_Request, ServingError]]] | None:
+        """Under the lock: wait for work and take one batch (None: this runner should exit)."""
+        policy = self.policy
+        idle_until = time.monotonic() + IDLE_EXIT_SECONDS
+        while True:
+            if self._queue:
+                if policy.max_queue_delay_s > 0 and policy.batchable:
+                    head = self._queue[0]
+                    ready_at = head.request.submitted + policy.max_queue_delay_s
+                    now = time.monotonic()
+                    if now < ready_at and self._compatible_rows(head) < policy.max_batch_size:
+                        self._idle += 1
+                        self._cond.wait(ready_at - now)
+                        self._idle -= 1
+                        continue
+                break
+            if self._retired:
+                return None
+            remaining = idle_until - time.monotonic()
+            if remaining <= 0:
+                return None
+            self._idle += 1
+            self._cond.wait(remaining)
+            self._idle -= 1
+        return self._form_batch()
+
+    def _compatible_rows(self, head: _Piece) -> int:
+        return sum(p.rows for p in self._queue if p.key == head.key)
+
+    def _form_batch(self) -> tuple[list[_Piece], list[tuple[_Request, ServingError]]]:
+        limit = self.policy.max_batch_size
+        batch: list[_Piece] = []
+        dropped: list[tuple[_Request, ServingError]] = []
+        keep: deque[_Piece] = deque()
+        rows = 0
+        key = None
+        members: set[int] = set()
+        now = time.monotonic()
+        for piece in self._queue:
+            request = piece.request
+            if request.done:  # failed already (another piece was dropped)
+                self._taken(request)
+                continue
+            error = _stop_reason(request.ctx, now)
+            if error is not None:
+                request.done = True
+                self._taken(request)
+                dropped.append((request, error))
+                continue
+            if key is None:
+                key = piece.key
+            if (piece.key == key and rows + piece.rows <= limit and id(request) not in members) or not batch:
+                batch.append(piece)
+                rows += piece.rows
+                if piece.rows != request.rows:
+                    members.add(id(request))  # two pieces of one request run in parallel, not together
+                self._taken(request)
+            else:
+                keep.append(piece)
+        self._queue = keep
+        if keep and self._idle:
+            self._cond.notify()
+        return batch, dropped
+
+    def _taken(self, request: _Request) -> None:
+        request.untaken -= 1
+        if request.untaken == 0:
+            self._waiting -= 1
+
+    def _execute(self, index: int, batch: list[_Piece]) -> None:
+        started = time.monotonic()
+        observers = self._observers(batch)
+        for piece in batch:
+            request = piece.request
+            if not request.queued_seen:
+                request.queued_seen = True
+                request.run_started = started
+                for observer in observers:
+                    observer.queued(self.model, self.graph, started - request.submitted)
+        rows = sum(p.rows for p in batch)
+        try:
+            if len(batch) == 1:
+                feeds = batch[0].feeds()
+            else:
+                parts = [p.feeds() for p in batch]
+                feeds = {name: np.concatenate([f[name] for f in parts], axis=0) for name in parts[0]}
+            merged = time.monotonic()
+            if self._slots is not None:
+                with self._slots:
+                    computed_start = time.monotonic()
+                    outputs = self._run(index, feeds)
+            else:
+                computed_start = merged
+                outputs = self._run(index, feeds)
+            computed = time.monotonic()
+            if self.policy.batchable:
+                for out in outputs:
+                    if np.ndim(out) == 0 or len(out) != rows:
+                        raise RuntimeError(f"graph {self.graph!r} returned {np.shape(out)} for a batch of {rows} "
+                                           f"rows; its outputs do not follow the batch axis")
+        except Exception as exc:  # every request of the batch gets the error
+            self._fail(batch, exc)
+            return
+        infer_s = computed - computed_start
+        self._learn(rows, infer_s)
+        offset = 0
+        finished: list[_Request] = []
+        for piece in batch:
+            request = piece.request
+            if self.policy.batchable and len(batch) > 1:
+                request.parts[piece.index] = [out[offset:offset + piece.rows] for out in outputs]
+            else:
+                request.parts[piece.index] = list(outputs)
+            offset += piece.rows
+            with self._cond:
+                request.pending -= 1
+                last = request.pending == 0
+            if last:
+                finished.append(request)
+        split_done = time.monotonic()
+        self._record(batch, rows, merged - started, infer_s, split_done - computed, observers)
+        async_results: dict[asyncio.AbstractEventLoop, list] = {}
+        for request in finished:
+            with self._cond:
+                if request.done:
+                    continue
+                request.done = True
+            parts = request.parts
+            if len(parts) == 1:
+                result = parts[0]
+            else:
+                result = [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
+            self._count_success(request)
+            if request.future is not None:
+                request.future.set_result(result)
+            elif request.loop is not None:
+                async_results.setdefault(request.loop, []).append((request.afuture, result, None))
+        for loop, results in async_results.items():
+            _call_soon(loop, results)
+
+    def _learn(self, rows: int, seconds: float) -> None:
+        per_row = seconds / max(rows, 1)
+        old = self._seconds_per_row
+        self._seconds_per_row = per_row if old <= 0 else 0.8 * old + 0.2 * per_row
+
+    def _observers(self, batch: Sequence[_Piece]) -> list[Any]:
+        """The batcher's observer and those the requests' contexts carry, each once."""
+        found: dict[int, Any] = {}
+        if self._observer is not None:
+            found[id(self._observer)] = self._observer
+        for piece in batch:
+            ctx = piece.request.ctx
+            if ctx is not None and ctx.observer is not None:
+                found.setdefault(id(ctx.observer), ctx.observer)
+        return list(found.values())
+
+    def _record(self, batch: Sequence[_Piece], rows: int, input_s: float, infer_s: float, output_s: float,
+                observers: list[Any]) -> None:
+        requests = len({id(p.request) for p in batch})
+        for observer in observers:
+            observer.ran(self.model, self.graph, rows, infer_s)
+            merged = getattr(observer, "merged", None)
+            if merged is not None:
+                merged(self.model, self.graph, requests)
+        s = self.stats
+        ns = (int(input_s * 1e9), int(infer_s * 1e9), int(output_s * 1e9))
+        with s.lock:
+            s.inference_count += rows
+            s.execution_count += 1
+            s.last_inference_ms = int(time.time() * 1000)
+            entry = s.batches.setdefault(rows, [0, 0, 0, 0])
+            entry[0] += 1
+            entry[1] += ns[0]
+            entry[2] += ns[1]
+            entry[3] += ns[2]
+            for piece in batch:
+                if piece.index == 0:  # once per request, as Triton counts them
+                    waited = int((piece.request.run_started - piece.request.submitted) * 1e9)
+                    s.queue[0] += 1
+                    s.queue[1] += max(waited, 0)
+                    for slot, value in ((s.compute_input, ns[0]), (s.compute_infer, ns[1]),
+                                        (s.compute_output, ns[2])):
+                        slot[0] += 1
+                        slot[1] += value
+
+    def _count_success(self, request: _Request) -> None:
+        s = self.stats
+        with s.lock:
+            s.success[0] += 1
+            s.success[1] += int((time.monotonic() - request.submitted) * 1e9)
+
+    def _fail(self, batch: Sequence[_Piece], error: Exception) -> None:
+        for piece in batch:
+            request = piece.request
+            with self._cond:
+                if request.done:  # answered already (another piece failed first, or it was dropped)
+                    continue
+                request.done = True
+            s = self.stats
+            with s.lock:
+                s.fail[0] += 1
+                s.fail[1] += int((time.monotonic() - request.submitted) * 1e9)
+            self._deliver_error(request, error)
+
+    @staticmethod
+    def _deliver_error(request: _Request, error: BaseException) -> None:
+        if request.future is not None:
+            if not request.future.done():
+                request.future.set_exception(error)
+        elif request.loop is not None:
+            _call_soon(request.loop, [(request.afuture, None, error)])
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, results: list) -> None:
+    try:
+        loop.call_soon_threadsafe(_deliver_async, results)
+    except RuntimeError:  # the loop closed (server stopped): nobody waits any more
+        pass
+
+
+def _rows(feeds: dict[str, np.ndarray]) -> int:
+    if not feeds:
+        raise ValueError("a session run needs at least one input")
+    first = next(iter(feeds.values()))
+    return int(first.shape[0]) if np.ndim(first) else 1
+
+
+def _stop_reason(ctx: RunContext | None, now: float) -> ServingError | None:
+    if ctx is None:
+        return None
+    if ctx.cancelled.is_set():
+        return Cancelled("the client cancelled the request")
+    if ctx.deadline is not None and now >= ctx.deadline:
+        return DeadlineExceeded("deadline exceeded while the request waited for a batch; "
+                                "send fewer rows, use a longer deadline or add replicas")
+    return None

@@ -1,0 +1,586 @@
+"""The Open Inference Protocol v2 servicer (``inference.GRPCInferenceService``), Triton's flavour.
+
+It shares everything below the servicer with the domain API: the repository snapshot, the
+graphs' sessions and batchers, the limits, the metrics. ModelInfer never leaves the event loop
+except for the session run itself, which the graph's batcher performs on its own threads and
+merges with concurrent requests (from either API).
+
+How a genserve model appears (one OIP model per graph, as a Triton user expects: fixed inputs
+and outputs, the batch axis first as -1):
+
+* ``NAME`` — the model's main graph: ``score`` when it has one (a density model: input ``x``
+  [-1, *row shape], output ``log_prob`` FP32 [-1], plus ``is_anomaly`` BOOL [-1] when the
+  manifest has an anomaly calibration: -log p above the calibrated threshold, or above the
+  request's ``threshold`` / ``contamination`` parameter), otherwise its first graph. A generic
+  ONNX model (``model.onnx`` without a manifest) is ``NAME`` with the graph's own signature.
+* ``NAME.GRAPH`` — each other graph as exported: ``NAME.sample``, ``NAME.translate_a2b``, ...
+  A repository model whose folder really is called ``NAME.GRAPH`` takes precedence.
+* Noise inputs (drawn by the server in the domain API) are *optional* inputs here
+  (``optional: true`` in ModelConfig): send them to run the graph on your own noise, or leave
+  them out and the server draws them from the ``seed`` request parameter (default 0) exactly as
+  the domain API does, so ``NAME.sample`` with ``n=100, seed=7`` returns the same samples as
+  ``Sample(n=100, seed=7)``. With no input at all, the ``n`` parameter gives the rows.
+
+Tensors: ``raw_input_contents`` or typed ``contents``; the datatype must be the graph's (no
+silent casts — the same rule as Triton). Outputs are raw (``raw_output_contents``) when the
+request sent raw inputs or sent none, typed otherwise; a requested output's ``binary_data``
+parameter overrides. Inputs of manifest models are checked for NaN/Inf like the domain API;
+a generic model's are passed on as they are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+import numpy as np
+
+from serving.api import grpc_service_pb2 as pb
+from serving.api import grpc_service_pb2_grpc as pb_grpc
+from serving.api import model_config_pb2 as mc
+from serving.metrics import Metrics
+from serving.models.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable
+from serving.models.validation import Limits, check_sample_count, check_threshold_choice
+from serving.repository.loader import LoadedModel, Repository
+from serving.repository.noise import draw_noise
+from serving.runtime.context import RunContext
+from serving.runtime.session import GraphSession
+from serving.services.reload import ModelManager
+from serving.services.state import ServingState
+from serving.services.status import status_of
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+PLATFORM = "onnxruntime_onnx"
+BACKEND = "onnxruntime"
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
+ANOMALY_OUTPUT = "is_anomaly"
+CACHE_KEY = "oip-endpoints"
+
+DATATYPE_OF = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "uint8": "UINT8",
+               "bool": "BOOL", "float16": "FP16", "int16": "INT16", "int8": "INT8", "uint16": "UINT16",
+               "uint32": "UINT32", "uint64": "UINT64"}
+NUMPY_OF = {v: np.dtype(k) for k, v in DATATYPE_OF.items()}
+CONFIG_TYPE_OF = {"FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64, "INT64": mc.TYPE_INT64, "INT32": mc.TYPE_INT32,
+                  "UINT8": mc.TYPE_UINT8, "BOOL": mc.TYPE_BOOL, "FP16": mc.TYPE_FP16, "INT16": mc.TYPE_INT16,
+                  "INT8": mc.TYPE_INT8, "UINT16": mc.TYPE_UINT16, "UINT32": mc.TYPE_UINT32, "UINT64": mc.TYPE_UINT64}
+# Typed contents field per datatype (INT8/16 travel in int_contents, UINT8/16 in uint_contents).
+CONTENTS_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                  "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                  "FP64": "fp64_contents"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # with the batch axis (-1) first
+    optional: bool = False  # a noise input the server draws when it is omitted
+
+
+@dataclass
+class Endpoint:
+    """One OIP model: a graph of a loaded model, with the inputs and outputs it shows."""
+
+    name: str
+    model: LoadedModel
+    graph: GraphSession
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    anomaly: bool  # the extra is_anomaly output of a calibrated score graph
+    check_finite: bool
+
+    @property
+    def version(self) -> str:
+        return str(self.model.version)
+
+
+def _primary_graph(model: LoadedModel) -> str:
+    return "score" if "score" in model.graphs else next(iter(model.graphs))
+
+
+def endpoints_of(model: LoadedModel, taken: set[str]) -> list[Endpoint]:
+    """The OIP models of one loaded model (see the module docstring for the naming)."""
+    found = []
+    primary = _primary_graph(model)
+    for graph_name, graph in model.graphs.items():
+        name = model.name if graph_name == primary else f"{model.name}.{graph_name}"
+        if name != model.name and name in taken:
+            continue  # a repository model of that name wins
+        spec = graph.spec
+        inputs = [TensorInfo(t.name, DATATYPE_OF[t.dtype], tuple(t.shape), t.noise is not None) for t in spec.inputs]
+        outputs = [TensorInfo(t.name, DATATYPE_OF[t.dtype], tuple(t.shape)) for t in spec.outputs]
+        anomaly = graph_name == "score" and graph_name == primary and model.manifest.anomaly is not None
+        if anomaly:
+            outputs.append(TensorInfo(ANOMALY_OUTPUT, "BOOL", (-1,)))
+        found.append(Endpoint(name, model, graph, inputs, outputs, anomaly, check_finite=not model.generic))
+    return found
+
+
+def endpoints(repository: Repository) -> dict[str, Endpoint]:
+    """All OIP models of a repository snapshot, computed once per snapshot."""
+    cached = repository.cache.get(CACHE_KEY)
+    if cached is None:
+        taken = set(repository.names)
+        cached = {e.name: e for model in repository.models.values() for e in endpoints_of(model, taken)}
+        repository.cache[CACHE_KEY] = cached
+    return cached  # type: ignore[return-value]
+
+
+def resolve(repository: Repository, name: str, version: str) -> Endpoint:
+    """The endpoint ``name`` at ``version`` ('' = the loaded one); NotFound / Unavailable otherwise."""
+    if not name:
+        raise InvalidArgument("model_name: expected a model name, got an empty string")
+    found = endpoints(repository).get(name)
+    if found is None:
+        base = name if name in repository.unavailable else name.rsplit(".", 1)[0]
+        broken = repository.unavailable.get(base)
+        if broken is not None:
+            raise Unavailable(f"model {base!r} is unavailable: {broken.reason}")
+        raise NotFound(f"model_name: unknown model {name!r}; available models: {sorted(endpoints(repository))}")
+    if version not in ("", found.version):
+        raise NotFound(f"model_version: version {version!r} of {name!r} is not loaded; loaded versions: "
+                       f"[{found.version}]")
+    return found
+
+
+def _param(params: Any, key: str) -> Any:
+    """The value of an InferParameter map entry, or None."""
+    if key not in params:
+        return None
+    p = params[key]
+    which = p.WhichOneof("parameter_choice")
+    return None if which is None else getattr(p, which)
+
+
+def _int_param(params: Any, key: str) -> int | None:
+    value = _param(params, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"parameters.{key}: expected an integer (int64_param), got {value!r}")
+    return int(value)
+
+
+def _float_param(params: Any, key: str) -> float | None:
+    value = _param(params, key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"parameters.{key}: expected a number (double_param), got {value!r}")
+    return float(value)
+
+
+def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def decode_input(tensor: Any, info: TensorInfo, raw: bytes | None) -> np.ndarray:
+    """One request input as a NumPy array (a read-only view on raw bytes when given)."""
+    name = tensor.name
+    if tensor.datatype != info.datatype:
+        raise InvalidArgument(f"{name}.datatype: expected {info.datatype}, got {tensor.datatype or 'nothing'}")
+    shape = [int(d) for d in tensor.shape]
+    if len(shape) != len(info.shape) or any(e != -1 and e != d for e, d in zip(info.shape, shape)) \
+            or any(d < 0 for d in shape):
+        raise InvalidArgument(f"{name}.shape: expected {_shape_text(info.shape)} (-1 = any size), got "
+                              f"{_shape_text(shape)}")
+    dtype = NUMPY_OF[info.datatype]
+    count = math.prod(shape)
+    if raw is not None:
+        expected = count * dtype.itemsize
+        if len(raw) != expected:
+            raise InvalidArgument(f"{name}: expected {expected} bytes of raw_input_contents for shape "
+                                  f"{_shape_text(shape)} {info.datatype}, got {len(raw)}")
+        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+    field = CONTENTS_FIELD.get(info.datatype)
+    if field is None:
+        raise InvalidArgument(f"{name}: {info.datatype} travels only as raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(f"{name}.contents.{field}: expected {count} values for shape {_shape_text(shape)}, "
+                              f"got {len(values)}")
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def _check_finite(name: str, array: np.ndarray) -> None:
+    if array.dtype.kind != "f" or np.isfinite(array).all():
+        return
+    flat = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.array([True])
+    row = int(np.argmax(flat))
+    kind = "NaN" if np.isnan(array.reshape(len(array), -1)[row]).any() else "Inf"
+    raise InvalidArgument(f"{name}: row {row} contains {kind}; expected finite values "
+                          f"({int(flat.sum())} of {len(array)} rows are not finite)")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, state: ServingState, metrics: Metrics, limits: Limits, manager: ModelManager,
+                 server_version: str):
+        self.state = state
+        self.metrics = metrics
+        self.limits = limits
+        self.manager = manager
+        self.server_version = server_version
+
+    # ---- shared request handling ---------------------------------------------------------
+    async def _call(self, method: str, model_name: str, context: grpc.aio.ServicerContext,
+                    work: Callable[[Repository, RunContext], Awaitable[Any]], needs_models: bool = True) -> Any:
+        started = time.monotonic()
+        code = "OK"
+        failure: tuple[grpc.StatusCode, str] | None = None
+        ctx = RunContext.with_timeout(model_name, context.time_remaining(), self.metrics)
+        self.state.enter()
+        try:
+            if needs_models:
+                repository = self.state.ready_repository()
+            else:
+                repository = self.state.repository or Repository(self.manager.path)
+            if ctx.deadline is not None and ctx.deadline <= started:
+                raise DeadlineExceeded("deadline exceeded before the request was handled")
+            return await work(repository, ctx)
+        except asyncio.CancelledError:
+            ctx.cancelled.set()
+            code = "CANCELLED" if ctx.deadline is None or time.monotonic() < ctx.deadline else "DEADLINE_EXCEEDED"
+            raise
+        except ServingError as exc:
+            failure = status_of(exc)
+        except Exception as exc:  # a server bug or an onnxruntime failure: report it, keep serving
+            log.exception("%s on model %r failed", method, model_name)
+            failure = status_of(exc)
+        finally:
+            self.state.leave()
+            if failure is not None:
+                code = failure[0].name
+            self.metrics.request_done(method, self._label(model_name), code, time.monotonic() - started)
+        await context.abort(*failure)
+
+    def _label(self, model_name: str) -> str:
+        """Metrics label: the repository model an OIP name belongs to (NAME.sample -> NAME)."""
+        if not model_name:
+            return ""
+        repository = self.state.repository
+        if repository is not None and model_name not in repository.names and "." in model_name:
+            return model_name.rsplit(".", 1)[0]
+        return model_name
+
+    # ---- server --------------------------------------------------------------------------
+    async def ServerLive(self, request, context):
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        repository = self.state.repository
+        return pb.ServerReadyResponse(ready=bool(repository and repository.models and not self.state.draining))
+
+    async def ServerMetadata(self, request, context):
+        return pb.ServerMetadataResponse(name="genserve", version=self.server_version, extensions=list(EXTENSIONS))
+
+    # ---- model metadata ------------------------------------------------------------------
+    async def ModelReady(self, request, context):
+        repository = self.state.repository
+        if repository is None or self.state.draining:
+            return pb.ModelReadyResponse(ready=False)
+        try:
+            resolve(repository, request.name, request.version)
+        except ServingError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    async def ModelMetadata(self, request, context):
+        async def work(repository: Repository, ctx: RunContext) -> pb.ModelMetadataResponse:
+            e = resolve(repository, request.name, request.version)
+            T = pb.ModelMetadataResponse.TensorMetadata
+            return pb.ModelMetadataResponse(
+                name=e.name, versions=[e.version], platform=PLATFORM,
+                inputs=[T(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in e.inputs],
+                outputs=[T(name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in e.outputs])
+
+        return await self._call("ModelMetadata", request.name, context, work)
+
+    async def ModelConfig(self, request, context):
+        async def work(repository: Repository, ctx: RunContext) -> pb.ModelConfigResponse:
+            return pb.ModelConfigResponse(config=model_config(resolve(repository, request.name, request.version)))
+
+        return await self._call("ModelConfig", request.name, context, work)
+
+    async def ModelStatistics(self, request, context):
+        async def work(repository: Repository, ctx: RunContext) -> pb.ModelStatisticsResponse:
+            if request.name:
+                chosen = [resolve(repository, request.name, request.version)]
+            else:
+                chosen = [endpoints(repository)[k] for k in sorted(endpoints(repository))]
+            return pb.ModelStatisticsResponse(model_stats=[statistics_of(e) for e in chosen])
+
+        return await self._call("ModelStatistics", request.name, context, work)
+
+    # ---- repository ----------------------------------------------------------------------
+    async def RepositoryIndex(self, request, context):
+        async def work(repository: Repository, ctx: RunContext) -> pb.RepositoryIndexResponse:
+            models = []
+            for name, version, state, reason in self.manager.index():
+                names = [name]
+                if state == "READY":
+                    names = [e.name for e in endpoints_of(repository.models[name], set(repository.names))]
+                for oip_name in names:
+                    if request.ready and state != "READY":
+                        continue
+                    models.append(pb.RepositoryIndexResponse.ModelIndex(
+                        name=oip_name, version=str(version) if version else "", state=state, reason=reason))
+            return pb.RepositoryIndexResponse(models=models)
+
+        return await self._call("RepositoryIndex", "", context, work, needs_models=False)
+
+    async def RepositoryModelLoad(self, request, context):
+        async def work(repository: Repository, ctx: RunContext) -> pb.RepositoryModelLoadResponse:
+            await self.manager.load(self._folder(repository, request.model_name), reason="RepositoryModelLoad")
+            return pb.RepositoryModelLoadResponse()
+
+        return await self._call("RepositoryModelLoad", request.model_name, context, work, needs_models=False)
+
+    async def RepositoryModelUnload(self, request, context):
+        async def work(repository: Repository, ctx: RunContext) -> pb.RepositoryModelUnloadResponse:
+            await self.manager.unload(self._folder(repository, request.model_name))
+            return pb.RepositoryModelUnloadResponse()
+
+        return await self._call("RepositoryModelUnload", request.model_name, context, work, needs_models=False)
+
+    def _folder(self, repository: Repository, name: str) -> str:
+        """The repository model an OIP name refers to (NAME.sample -> NAME)."""
+        if not name:
+            raise InvalidArgument("model_name: expected a model name, got an empty string")
+        if name in repository.names or (self.manager.path / name).is_dir():
+            return name
+        e = endpoints(repository).get(name)
+        return e.model.name if e is not None else name
+
+    # ---- inference -----------------------------------------------------------------------
+    async def ModelInfer(self, request, context):
+        async def work(repository: Repository, ctx: RunContext) -> pb.ModelInferResponse:
+            return await self.infer(repository, request, ctx)
+
+        return await self._call("ModelInfer", request.model_name, context, work)
+
+    async def ModelStreamInfer(self, request_iterator: AsyncIterator, context) -> AsyncIterator:
+        """Bidirectional stream: each request answered as soon as it is done (``id`` matches them)."""
+        responses: asyncio.Queue = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+
+        async def one(request: Any) -> None:
+            started = time.monotonic()
+            ctx = RunContext.with_timeout(request.model_name, context.time_remaining(), self.metrics)
+            code = "OK"
+            self.state.enter()
+            try:
+                response = await self.infer(self.state.ready_repository(), request, ctx)
+                await responses.put(pb.ModelStreamInferResponse(infer_response=response))
+            except ServingError as exc:
+                code = exc.code
+                await responses.put(_stream_error(request, exc.message))
+            except Exception as exc:
+                log.exception("ModelStreamInfer on model %r failed", request.model_name)
+                code = "INTERNAL"
+                await responses.put(_stream_error(request, status_of(exc)[1]))
+            finally:
+                self.state.leave()
+                self.metrics.request_done("ModelStreamInfer", self._label(request.model_name), code,
+                                          time.monotonic() - started)
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.ensure_future(one(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.wait(set(tasks))
+            await responses.put(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while True:
+                item = await responses.get()
+                if item is None:
+                    break
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def infer(self, repository: Repository, request: Any, ctx: RunContext) -> pb.ModelInferResponse:
+        """One ModelInfer request (shared by the unary and the streaming call)."""
+        e = resolve(repository, request.model_name, request.model_version)
+        ctx.model = e.model.name
+        infos = {t.name: t for t in e.inputs}
+        raw = request.raw_input_contents
+        if raw and len(raw) != len(request.inputs):
+            raise InvalidArgument(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), "
+                                  f"got {len(raw)}")
+        feeds: dict[str, np.ndarray] = {}
+        for i, tensor in enumerate(request.inputs):
+            info = infos.get(tensor.name)
+            if info is None:
+                raise InvalidArgument(f"inputs: model {e.name!r} has no input {tensor.name!r}; it takes "
+                                      f"{[t.name for t in e.inputs]}")
+            if tensor.name in feeds:
+                raise InvalidArgument(f"inputs: {tensor.name!r} is given twice")
+            feeds[tensor.name] = decode_input(tensor, info, raw[i] if raw else None)
+        missing = [t.name for t in e.inputs if t.name not in feeds and not t.optional]
+        if missing:
+            raise InvalidArgument(f"inputs: model {e.name!r} needs {missing} (given {sorted(feeds)})")
+        rows = self._rows(e, feeds, request)
+        if e.check_finite:
+            for name, array in feeds.items():
+                _check_finite(name, array)
+        absent_noise = [t for t in e.graph.spec.inputs if t.noise is not None and t.name not in feeds]
+        if absent_noise:
+            seed = _int_param(request.parameters, "seed") or 0
+            if seed < 0:
+                raise InvalidArgument(f"parameters.seed: expected an integer >= 0, got {seed}")
+            drawn = draw_noise(e.graph.spec.inputs, rows, seed)
+            for t in absent_noise:
+                feeds[t.name] = drawn[t.name]
+        wanted = self._wanted_outputs(e, request)
+        threshold = self._threshold(e, request) if ANOMALY_OUTPUT in wanted else None
+        outputs = await e.graph.infer(feeds, ctx)
+        results: dict[str, np.ndarray] = dict(zip((t.name for t in e.graph.spec.outputs), outputs))
+        if threshold is not None:
+            log_prob = np.asarray(results[e.graph.spec.outputs[0].name], dtype=np.float32).reshape(-1)
+            score = -log_prob
+            flags = ~(score <= threshold)
+            results[ANOMALY_OUTPUT] = flags
+            self.metrics.anomalies_detected(e.model.name, score, flags)
+        self.metrics.rows_done("ModelInfer", e.model.name, rows)
+        return self._response(e, request, results, wanted, bool(raw) or not request.inputs)
+
+    def _rows(self, e: Endpoint, feeds: dict[str, np.ndarray], request: Any) -> int:
+        infos = {t.name: t for t in e.inputs}
+        batched = {name: a for name, a in feeds.items() if a.ndim and infos[name].shape[:1] == (-1,)}
+        if batched:
+            counts = {int(a.shape[0]) for a in batched.values()}
+            if len(counts) != 1:
+                sizes = {name: int(a.shape[0]) for name, a in batched.items()}
+                raise InvalidArgument(f"inputs: the batch axis (first dimension) must agree across inputs, got {sizes}")
+            rows = counts.pop()
+        elif feeds:
+            rows = int(next(iter(feeds.values())).shape[0]) if next(iter(feeds.values())).ndim else 1
+        else:
+            n = _int_param(request.parameters, "n")
+            if n is None:
+                raise InvalidArgument(f"parameters.n: model {e.name!r} got no input: pass the number of rows as "
+                                      f"parameter n (with an optional seed), or send the inputs "
+                                      f"{[t.name for t in e.inputs]}")
+            out = e.graph.spec.outputs[0]
+            check_sample_count(n, [max(d, 1) for d in out.shape[1:]],
+                               NUMPY_OF[DATATYPE_OF[out.dtype]].itemsize, self.limits)
+            return n
+        if rows == 0:
+            raise InvalidArgument(f"inputs: empty batch: expected at least one row for model {e.name!r}")
+        if rows > self.limits.max_rows:
+            raise ResourceExhausted(f"inputs: {rows} rows exceed the limit of {self.limits.max_rows} rows per request "
+                                    f"(max_rows_per_request); send them in smaller batches")
+        return rows
+
+    @staticmethod
+    def _wanted_outputs(e: Endpoint, request: Any) -> list[str]:
+        names = [t.name for t in e.outputs]
+        if not request.outputs:
+            return names
+        wanted = []
+        for out in request.outputs:
+            if out.name not in names:
+                raise InvalidArgument(f"outputs: model {e.name!r} has no output {out.name!r}; it returns {names}")
+            wanted.append(out.name)
+        return wanted
+
+    @staticmethod
+    def _threshold(e: Endpoint, request: Any) -> float:
+        threshold = _float_param(request.parameters, "threshold")
+        contamination = _float_param(request.parameters, "contamination")
+        check_threshold_choice(threshold, contamination)
+        calibration = e.model.manifest.anomaly
+        if threshold is not None:
+            return threshold
+        if contamination is not None:
+            return calibration.threshold_at(contamination)
+        return calibration.threshold
+
+    @staticmethod
+    def _response(e: Endpoint, request: Any, results: dict[str, np.ndarray], wanted: list[str],
+                  raw_default: bool) -> pb.ModelInferResponse:
+        raw = raw_default
+        for out in request.outputs:
+            choice = _param(out.parameters, "binary_data")
+            if isinstance(choice, bool):
+                raw = choice
+                break
+        response = pb.ModelInferResponse(model_name=e.name, model_version=e.version, id=request.id)
+        for name in wanted:
+            array = np.asarray(results[name])
+            datatype = DATATYPE_OF.get(array.dtype.name)
+            if datatype is None:
+                raise InvalidArgument(f"output {name!r} has dtype {array.dtype.name}, which OIP cannot carry")
+            tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            if raw:
+                response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+                                                    .tobytes())
+            else:
+                field = CONTENTS_FIELD.get(datatype)
+                if field is None:
+                    raise InvalidArgument(f"output {name!r} ({datatype}) travels only as raw_output_contents: "
+                                          f"set its binary_data parameter")
+                getattr(tensor.contents, field).extend(array.ravel().tolist())
+        return response
+
+
+def _stream_error(request: Any, message: str) -> pb.ModelStreamInferResponse:
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id))
+
+
+def model_config(e: Endpoint) -> mc.ModelConfig:
+    """Triton's ModelConfig for an endpoint: what tritonclient and Triton's tools read."""
+    graph = e.graph
+    policy = graph.batcher.policy
+    batching = graph.batchable
+    config = mc.ModelConfig(name=e.name, platform=PLATFORM, backend=BACKEND,
+                            max_batch_size=policy.max_batch_size if batching else 0,
+                            default_model_filename=graph.path.name)
+    config.version_policy.latest.num_versions = 1
+    for t in e.inputs:
+        config.input.add(name=t.name, data_type=CONFIG_TYPE_OF[t.datatype],
+                         dims=list(t.shape[1:] if batching else t.shape), optional=t.optional)
+    for t in e.outputs:
+        config.output.add(name=t.name, data_type=CONFIG_TYPE_OF[t.datatype],
+                          dims=list(t.shape[1:] if batching else t.shape))
+    if batching:
+        config.dynamic_batching.max_queue_delay_microseconds = int(round(policy.max_queue_delay_s * 1e6))
+        config.dynamic_batching.default_queue_policy.max_queue_size = policy.max_queue_size
+    gpu = graph.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+    config.instance_group.add(name=f"{e.name}_0", count=len(graph.sessions),
+                              kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU)
+    for key, value in (("genserve.model", e.model.name), ("genserve.graph", graph.name),
+                       ("genserve.family", e.model.family), ("genserve.provider", graph.provider),
+                       ("genserve.runners", str(policy.runners))):
+        config.parameters[key].string_value = value
+    return config
+
+
+def statistics_of(e: Endpoint) -> pb.ModelStatistics:
+    """ModelStatistics of an endpoint: its graph's batcher counters (requests from either API)."""
+    s = e.graph.batcher.stats.snapshot()
+    D = pb.StatisticDuration
+    stats = pb.ModelStatistics(name=e.name, version=e.version, last_inference=s["last_inference_ms"],
+                               inference_count=s["inference_count"], execution_count=s["execution_count"])
+    for key in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        count, ns = s[key]
+        getattr(stats.inference_stats, key).CopyFrom(D(count=count, ns=ns))
+    for size, (runs, input_ns, infer_ns, output_ns) in s["batches"].items():
+        stats.batch_stats.add(batch_size=size, compute_input=D(count=runs, ns=input_ns),
+                              compute_infer=D(count=runs, ns=infer_ns), compute_output=D(count=runs, ns=output_ns))
+    return stats
