@@ -45,8 +45,9 @@ def register(subparsers) -> None:
         parser.add_argument("--calibration-folds", type=int, default=5,
                             help="folds of the cross-fitted threshold calibration (default 5)")
         for option in family.options:
+            bare = dict(nargs="?", const=True) if option.parse is registry.switch else {}  # --flag = --flag yes
             parser.add_argument(option.flag, dest=option.param, type=_argparse_type(option.parse),
-                                choices=option.choices, help=option.help, default=None)
+                                choices=option.choices, help=option.help, default=None, **bare)
         parser.set_defaults(func=run_train, option_params=[o.param for o in family.options])
 
     demo = subparsers.add_parser("demo", help="build the demo model repository if absent, then serve it")

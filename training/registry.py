@@ -26,6 +26,19 @@ def _number_or(kind: type, *words: str) -> Callable[[str], Any]:
     return parse
 
 
+def switch(text: str) -> bool:
+    """An on/off option: yes/no (true/false, on/off, 1/0); given bare (``--conditional``) it is on."""
+    word = text.strip().lower()
+    if word in ("yes", "true", "on", "1"):
+        return True
+    if word in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"expected yes or no, got {text!r}")
+
+
+switch.__name__ = "yes/no"
+
+
 @dataclass(frozen=True)
 class Option:
     """A command-line flag mapped onto one constructor parameter."""
