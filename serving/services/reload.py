@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from serving.metrics import Metrics
-from serving.models.errors import FailedPrecondition, NotFound
+from serving.models.errors import FailedPrecondition, NotFound, ServingError
 from serving.repository.layout import model_names
 from serving.repository.loader import (LoadedModel, Repository, UnavailableModel, latest_versions, load_model,
                                        load_repository)
@@ -102,7 +102,10 @@ class ModelManager:
                 continue
             if self.tried.get(name) != version:
                 touched.append(name)
-                await self.load(name, reason=f"version {version} found on disk")
+                try:
+                    await self.load(name, reason=f"version {version} found on disk")
+                except ServingError:  # logged and kept as last_error; the poll goes on
+                    pass
         current = self.state.repository
         for name in current.names:
             if name not in on_disk:

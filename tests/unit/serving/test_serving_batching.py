@@ -1,0 +1,191 @@
+"""The dynamic batcher alone, on a fake session: merging, splitting, limits, errors, deadlines."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.models.errors import DeadlineExceeded, ResourceExhausted
+from serving.runtime.batching import Batcher, BatchPolicy
+from serving.runtime.context import RunContext
+
+
+class FakeSession:
+    """y = 2x, summed rows; records the rows of every run; can hold runs until released."""
+
+    def __init__(self, hold: bool = False, fail: bool = False):
+        self.runs: list[int] = []
+        self.shapes: list[tuple] = []
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, instance: int, feeds: dict) -> list:
+        x = feeds["x"]
+        self.entered.set()
+        self.release.wait(10)
+        with self.lock:
+            self.runs.append(len(x))
+            self.shapes.append(x.shape)
+        if self.fail:
+            raise RuntimeError("onnxruntime exploded")
+        return [2 * x, x.reshape(len(x), -1).sum(axis=1)]
+
+
+class Observer:
+    def __init__(self):
+        self.merged_requests: list[int] = []
+        self.queued_count = 0
+
+    def queued(self, model, graph, seconds):
+        self.queued_count += 1
+
+    def ran(self, model, graph, rows, seconds):
+        pass
+
+    def merged(self, model, graph, requests):
+        self.merged_requests.append(requests)
+
+
+def _submit_all(batcher: Batcher, arrays: list[np.ndarray]) -> list:
+    return [batcher.submit({"x": a}) for a in arrays]
+
+
+def test_waiting_requests_are_merged_and_each_gets_its_own_rows():
+    session = FakeSession(hold=True)
+    observer = Observer()
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=100, runners=1), observer)
+    first = batcher.submit({"x": np.zeros((1, 3), np.float32)})
+    assert session.entered.wait(5)  # the runner holds the first request
+    arrays = [np.full((i + 1, 3), i, np.float32) for i in range(6)]
+    futures = _submit_all(batcher, arrays)
+    session.release.set()
+    first.result(5)
+    for a, f in zip(arrays, futures):
+        y, s = f.result(5)
+        np.testing.assert_array_equal(y, 2 * a)
+        np.testing.assert_array_equal(s, a.sum(axis=1))
+    assert session.runs == [1, 21]  # the six waiting requests ran as one batch of 1+2+...+6 rows
+    assert observer.merged_requests == [1, 6] and observer.queued_count == 7
+    stats = batcher.stats.snapshot()
+    assert stats["execution_count"] == 2 and stats["inference_count"] == 22 and stats["success"][0] == 7
+
+
+def test_max_batch_size_bounds_merges_and_splits_large_requests():
+    session = FakeSession(hold=True)
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=10, runners=1))
+    hold = batcher.submit({"x": np.zeros((1, 2), np.float32)})
+    assert session.entered.wait(5)
+    big = np.arange(50, dtype=np.float32).reshape(25, 2)
+    futures = [batcher.submit({"x": big})] + _submit_all(batcher, [np.ones((4, 2), np.float32)] * 3)
+    session.release.set()
+    hold.result(5)
+    np.testing.assert_array_equal(futures[0].result(5)[0], 2 * big)
+    for f in futures[1:]:
+        np.testing.assert_array_equal(f.result(5)[0], 2 * np.ones((4, 2)))
+    assert max(session.runs) <= 10 and sum(session.runs) == 1 + 25 + 12
+
+
+def test_requests_with_different_row_shapes_are_never_merged():
+    session = FakeSession(hold=True)
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=100, runners=1))
+    hold = batcher.submit({"x": np.zeros((1, 5, 2), np.float32)})
+    assert session.entered.wait(5)
+    futures = _submit_all(batcher, [np.ones((2, 5, 2), np.float32), np.ones((2, 7, 2), np.float32),
+                                    np.ones((3, 5, 2), np.float32), np.ones((1, 7, 2), np.float64)])
+    session.release.set()
+    hold.result(5)
+    assert [f.result(5)[0].shape for f in futures] == [(2, 5, 2), (2, 7, 2), (3, 5, 2), (1, 7, 2)]
+    assert sorted(session.shapes[1:]) == sorted([(5, 5, 2), (2, 7, 2), (1, 7, 2)])
+
+
+def test_unbatchable_graphs_run_each_request_alone():
+    session = FakeSession(hold=True)
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=2, runners=1, batchable=False))
+    hold = batcher.submit({"x": np.zeros((3, 2), np.float32)})
+    assert session.entered.wait(5)
+    futures = _submit_all(batcher, [np.ones((3, 2), np.float32)] * 2)
+    session.release.set()
+    hold.result(5)
+    [f.result(5) for f in futures]
+    assert session.runs == [3, 3, 3]  # never merged, never split below its own size
+
+
+def test_a_full_queue_refuses_with_resource_exhausted():
+    session = FakeSession(hold=True)
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=100, max_queue_size=2, runners=1))
+    running = batcher.submit({"x": np.zeros((1, 2), np.float32)})
+    assert session.entered.wait(5)
+    waiting = _submit_all(batcher, [np.zeros((1, 2), np.float32)] * 2)
+    with pytest.raises(ResourceExhausted) as info:
+        batcher.submit({"x": np.zeros((1, 2), np.float32)})
+    assert "queue of graph 'g' of model 'm' is full" in info.value.message
+    session.release.set()
+    for f in [running, *waiting]:
+        f.result(5)
+    batcher.submit({"x": np.zeros((1, 2), np.float32)}).result(5)  # room again
+
+
+def test_expired_requests_are_dropped_before_running_and_others_are_unaffected():
+    session = FakeSession(hold=True)
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=100, runners=1))
+    running = batcher.submit({"x": np.zeros((1, 2), np.float32)})
+    assert session.entered.wait(5)
+    expired = batcher.submit({"x": np.zeros((7, 2), np.float32)}, RunContext.with_timeout("m", 0.05))
+    fine = batcher.submit({"x": np.ones((2, 2), np.float32)}, RunContext.with_timeout("m", 30))
+    time.sleep(0.1)
+    session.release.set()
+    running.result(5)
+    with pytest.raises(DeadlineExceeded):
+        expired.result(5)
+    np.testing.assert_array_equal(fine.result(5)[0], 2 * np.ones((2, 2)))
+    assert 7 not in session.runs and sum(session.runs) == 3
+
+
+def test_a_failed_run_fails_every_request_of_its_batch_only():
+    session = FakeSession(fail=True)
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=100, runners=1))
+    with pytest.raises(RuntimeError, match="exploded"):
+        batcher.run({"x": np.zeros((1, 2), np.float32)})
+    session.fail = False
+    np.testing.assert_array_equal(batcher.run({"x": np.ones((1, 2), np.float32)})[0], [[2, 2]])
+    stats = batcher.stats.snapshot()
+    assert stats["fail"][0] == 1 and stats["success"][0] == 1
+
+
+def test_expensive_requests_are_split_across_runners_and_cheap_ones_are_not():
+    session = FakeSession()
+    slow = Batcher("m", "g", session, BatchPolicy(max_batch_size=1000, runners=2), seconds_per_row=1e-3)
+    x = np.arange(200, dtype=np.float32).reshape(100, 2)
+    np.testing.assert_array_equal(slow.run({"x": x})[0], 2 * x)
+    assert sorted(session.runs) == [50, 50]
+    session.runs.clear()
+    cheap = Batcher("m", "g", session, BatchPolicy(max_batch_size=1000, runners=2), seconds_per_row=1e-8)
+    cheap.run({"x": x})
+    assert session.runs == [100]
+
+
+def test_concurrent_async_and_blocking_callers_all_get_their_rows():
+    import asyncio
+
+    session = FakeSession()
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=64, max_queue_delay_s=0.005, runners=2))
+    arrays = [np.full((1 + i % 3, 4), i, np.float32) for i in range(60)]
+
+    async def many():
+        return await asyncio.gather(*(batcher.infer({"x": a}) for a in arrays[:30]))
+
+    with ThreadPoolExecutor(8) as pool:
+        blocking = list(pool.map(lambda a: batcher.run({"x": a}), arrays[30:]))
+    awaited = asyncio.run(many())
+    for a, (y, s) in zip(arrays, [*awaited, *blocking]):
+        np.testing.assert_array_equal(y, 2 * a)
+    assert len(session.runs) < 60  # merged
+    batcher.retire()
