@@ -96,8 +96,11 @@ def model_card(manifest: Manifest, estimator: GenerativeEstimator, data: Dataset
     ]
     if manifest.anomaly:
         a = manifest.anomaly
+        # A model without a density (a GAN's discriminator) scores anomalies with its own graph.
+        score = ("the `anomaly` graph's score (higher = more anomalous; see Limits)" if "anomaly" in manifest.graphs
+                 else "−log p(x)")
         lines += ["## Anomaly threshold", "",
-                  f"Score = −log p(x); rows scoring above **{a.threshold:.4g}** are flagged. "
+                  f"Score = {score}; rows scoring above **{a.threshold:.4g}** are flagged. "
                   f"Chosen as the {1 - a.contamination:.1%} quantile of {a.n_calibration} held-out "
                   f"scores ({a.method}), i.e. about {a.contamination:.1%} of normal rows are flagged.", ""]
     lines += ["## Export check", "",
