@@ -101,6 +101,26 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             Option("--iterations", "n_iter", int, "EM iterations per run"),
             Option("--restarts", "n_init", int, "EM runs from different k-means++ starts")),
            {"n_states": "auto", "verbose": True}),
+    Family("fvbn", "training.estimators.fvbn:FVBNDensity",
+           "fully-visible belief net: exact autoregressive log-likelihood (MADE with mixture-of-Gaussian "
+           "conditionals, or LARC for binary rows)",
+           (Option("--variant", "variant", str, "made (continuous rows) or larc (binary rows)", ("made", "larc")),
+            Option("--components", "n_components", int, "Gaussians per conditional (made)"),
+            Option("--hidden", "hidden_units", int, "units per masked hidden layer (made)"),
+            Option("--blocks", "n_blocks", int, "residual masked blocks (made)"),
+            Option("--masks", "n_masks", int, "orderings in the order-agnostic ensemble (made)"),
+            Option("--dropout", "dropout", float, "dropout in the residual blocks (made)"),
+            Option("--transform", "transform", str, "map to R^D before modelling (made)",
+                   ("auto", "logit", "affine")),
+            Option("--epochs", "max_epochs", int, "most epochs (early stopping on held-out rows)"),
+            Option("--patience", "patience", int, "epochs without improvement before stopping"),
+            Option("--learning-rate", "learning_rate", float, "AdamW learning rate"),
+            Option("--weight-decay", "weight_decay", float, "AdamW weight decay"),
+            Option("--batch-size", "batch_size", int, "rows per step (per process under torchrun)"),
+            Option("--validation-fraction", "validation_fraction", float,
+                   "share of training rows held out for early stopping and the anomaly threshold"),
+            Option("--device", "device", str, "auto, cpu or cuda[:N]"),
+            Option("--seed", "random_state", int, "training seed"))),
 )}
 
 
