@@ -40,6 +40,15 @@ _SERVE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("max_sample_count", "--max-samples", int, "samples per request, default 100000"),
     ("chunk_rows", "--chunk-rows", int, "rows per session run, default 4096"),
     ("drain_seconds", "--drain-seconds", float, "grace for in-flight requests on SIGTERM, default 20"),
+    ("workers", "--workers", int, "server processes sharing the port (SO_REUSEPORT), default 1"),
+    ("request_threads", "--request-threads", int, "threads preparing domain-API requests, default 64"),
+    ("max_queue_delay_ms", "--max-queue-delay-ms", float,
+     "dynamic batching: longest wait for a batch to fill, default 0 (run what is queued at once)"),
+    ("max_queue_size", "--max-queue-size", int, "requests waiting per graph before RESOURCE_EXHAUSTED, default 1024"),
+    ("graph_instances", "--graph-instances", int, "onnxruntime sessions per graph, default 1"),
+    ("graph_optimization_level", "--graph-optimization-level", str, "disable, basic, extended or all (default)"),
+    ("reload_interval_s", "--reload-interval", float, "seconds between repository polls for new versions, "
+                                                      "default 5; 0 = never"),
     ("log_level", "--log-level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
 
@@ -47,8 +56,10 @@ _SERVE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``serve`` and ``client`` to a top-level parser's subparsers."""
     serve = subparsers.add_parser("serve", help="serve a model repository over gRPC",
-                                  description="Serve a model repository over gRPC (genserve.v1, health, "
-                                              "reflection) with Prometheus metrics; SIGTERM drains.")
+                                  description="Serve a model repository over gRPC (genserve.v1 and the Open "
+                                              "Inference Protocol v2 on one port, health, reflection) with "
+                                              "Prometheus metrics; new versions are picked up while serving; "
+                                              "SIGTERM drains.")
     for field, flag, kind, text in _SERVE_FLAGS:
         serve.add_argument(flag, dest=field, type=kind, default=None, help=text)
     serve.set_defaults(func=run_serve)

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     warm_up: bool = Field(default=True, description="run each graph at load so the first request is not slow")
     reload_interval_s: float = Field(default=5.0, ge=0.0,
                                      description="poll the repository for new versions this often; 0 = never")
+    switch_interval_ms: float = Field(default=0.0, ge=0.0, le=100.0,
+                                      description="Python GIL switch interval for the server process (0 = keep "
+                                                  "Python's 5 ms): lower cuts the wait of a ready thread")
     workers: int = Field(default=1, ge=1, le=64,
                          description="server processes sharing the gRPC port (SO_REUSEPORT); metrics port + i each")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")

@@ -3,11 +3,11 @@
 The gRPC servicer creates a ``RunContext`` when a request arrives and hands it down through the
 model operation to every session run. It lets the runtime
 
-* measure the queueing delay (arrival to the first session start of each graph), which is the
-  time a request waited for an executor thread;
-* stop between chunks of a large request once the client's deadline has passed or the client
-  has cancelled, so abandoned work does not keep a worker busy;
-* report each run (rows, seconds) to the metrics without the runtime importing Prometheus.
+* drop the request (or the pieces of it not yet started) from its graph's batch queue once the
+  client's deadline has passed or the client has cancelled, so abandoned work is never computed;
+* report to the metrics, without the runtime importing Prometheus, the time the request waited
+  in the batch queue and each merged run it took part in (rows, requests, seconds) — the
+  batcher (``serving.runtime.batching``) calls the observer.
 
 Plain NumPy callers (tests, notebooks) pass no context and get none of this.
 """

@@ -97,9 +97,11 @@ class Endpoint:
     anomaly: bool  # the extra is_anomaly output of a calibrated score graph
     check_finite: bool
 
-    @property
-    def version(self) -> str:
-        return str(self.model.version)
+    def __post_init__(self) -> None:
+        self.version = str(self.model.version)
+        self.by_name = {t.name: t for t in self.inputs}
+        self.output_names = [t.name for t in self.outputs]
+        self.graph_outputs = [t.name for t in self.graph.spec.outputs]
 
 
 def _primary_graph(model: LoadedModel) -> str:
@@ -416,7 +418,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """One ModelInfer request (shared by the unary and the streaming call)."""
         e = resolve(repository, request.model_name, request.model_version)
         ctx.model = e.model.name
-        infos = {t.name: t for t in e.inputs}
+        infos = e.by_name
         raw = request.raw_input_contents
         if raw and len(raw) != len(request.inputs):
             raise InvalidArgument(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), "
@@ -448,7 +450,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         wanted = self._wanted_outputs(e, request)
         threshold = self._threshold(e, request) if ANOMALY_OUTPUT in wanted else None
         outputs = await e.graph.infer(feeds, ctx)
-        results: dict[str, np.ndarray] = dict(zip((t.name for t in e.graph.spec.outputs), outputs))
+        results: dict[str, np.ndarray] = dict(zip(e.graph_outputs, outputs))
         if threshold is not None:
             log_prob = np.asarray(results[e.graph.spec.outputs[0].name], dtype=np.float32).reshape(-1)
             score = -log_prob
@@ -459,7 +461,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self._response(e, request, results, wanted, bool(raw) or not request.inputs)
 
     def _rows(self, e: Endpoint, feeds: dict[str, np.ndarray], request: Any) -> int:
-        infos = {t.name: t for t in e.inputs}
+        infos = e.by_name
         batched = {name: a for name, a in feeds.items() if a.ndim and infos[name].shape[:1] == (-1,)}
         if batched:
             counts = {int(a.shape[0]) for a in batched.values()}
@@ -488,7 +490,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     def _wanted_outputs(e: Endpoint, request: Any) -> list[str]:
-        names = [t.name for t in e.outputs]
+        names = e.output_names
         if not request.outputs:
             return names
         wanted = []

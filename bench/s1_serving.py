@@ -1,0 +1,522 @@
+"""S1 — serving throughput and latency: genserve against KServe's Python model server and onnxruntime in-process.
+
+Graphs (published with ``training.publish.publish`` into a temporary repository):
+* ``gmm`` — a 16-component diagonal Gaussian mixture fitted on digits, its score graph
+  (``x`` FP32 [N, 64] -> ``log_prob`` FP32 [N]): cheap per row, so it measures the server;
+* ``kde`` — the gaussian kernel density on 10,000 points in 64-D of S2 (h = 2.0): the model dominates.
+
+Systems, each a separate server process on a free loopback port, driven by ONE separate client
+process (``--client``: grpc.aio, ``concurrency`` coroutines, OIP ``ModelInfer`` with the batch in
+``raw_input_contents``; the same client and the same request bytes for every server):
+* ``genserve`` — ``python -m genserve serve`` with its defaults (dynamic batching, delay 0,
+  2 runner threads per graph, intra-op 1), called through the Open Inference Protocol;
+* ``genserve-w2`` — the same with ``--workers 2`` (two processes sharing the port by SO_REUSEPORT;
+  the client opens several connections so both get traffic);
+* ``kserve`` — KServe's Python ``ModelServer`` (``pip install kserve==0.21.0`` into its own virtual
+  environment under the cache folder, made by this script) serving the same ONNX file with a
+  small custom ``kserve.Model`` (onnxruntime, intra-op 1 thread: its best here) over its gRPC v2
+  endpoint, binary (raw) tensors both ways;
+* ``in-process`` — onnxruntime ``session.run`` in this process on the same file: the host's limit,
+  (a) intra-op threads 2, one caller and (b) intra-op 1 thread, two calling threads.
+
+Per cell (batch 1, 64, 1024 x concurrency 1, 8, 64): warm-up then a timed window (2 s + 10 s by
+the protocol; ``--quick``: 0.5 s + 2 s); rows/s, requests/s, p50 and p99 latency of the
+requests that completed in the window, and the CPU used by the client process and by the
+server's process tree in the window (% of one core; the machine has 2: 200 % is saturation).
+
+    python bench/s1_serving.py [--quick] [--systems genserve,kserve,in-process] [--graphs gmm,kde]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+from common import REPO_ROOT, log, machine_info, machine_line, print_table, write_results  # noqa: E402
+
+CACHE = Path(os.environ.get("GENSERVE_BENCH_CACHE", Path.home() / ".cache" / "genserve-bench"))
+KSERVE_VERSION = "0.21.0"
+BATCHES = (1, 64, 1024)
+CONCURRENCY = (1, 8, 64)
+MAX_MESSAGE = 256 * 1024 * 1024
+
+
+# ---- the load generator (its own process) ------------------------------------------------------
+async def _run_cells(spec: dict[str, Any]) -> None:
+    import grpc
+
+    from serving.api import grpc_service_pb2 as pb
+    from serving.api import grpc_service_pb2_grpc as pb_grpc
+
+    options = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE),
+               ("grpc.use_local_subchannel_pool", 1)]
+    rng = np.random.default_rng(0)
+    for index, cell in enumerate(spec["cells"]):
+        batch, concurrency = cell["batch"], cell["concurrency"]
+        x = rng.random((batch, spec["dim"]), dtype=np.float32)
+        request = pb.ModelInferRequest(model_name=spec["model"])
+        request.inputs.add(name=spec["input"], datatype="FP32", shape=[batch, spec["dim"]])
+        request.raw_input_contents.append(x.tobytes())
+        channels = [grpc.aio.insecure_channel(spec["target"], options=options)
+                    for _ in range(max(1, min(spec["channels"], concurrency)))]
+        calls = [pb_grpc.GRPCInferenceServiceStub(c).ModelInfer for c in channels]
+        done: list[tuple[float, float]] = []
+        errors: list[str] = []
+        stop = False
+
+        async def worker(i: int) -> None:
+            call = calls[i % len(calls)]
+            while not stop:
+                started = time.perf_counter()
+                try:
+                    reply = await call(request, timeout=120)
+                    if len(reply.raw_output_contents[0]) != 4 * batch:
+                        raise RuntimeError(f"reply has {len(reply.raw_output_contents[0])} bytes")
+                    done.append((started, time.perf_counter()))
+                except Exception as exc:  # counted and reported
+                    errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                    await asyncio.sleep(0.01)
+
+        tasks = [asyncio.ensure_future(worker(i)) for i in range(concurrency)]
+        await asyncio.sleep(spec["warmup"])
+        t0 = time.perf_counter()
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        errors_before = len(errors)
+        print(f"START {index}", flush=True)
+        await asyncio.sleep(spec["duration"])
+        t1 = time.perf_counter()
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        print(f"STOP {index}", flush=True)
+        stop = True
+        await asyncio.gather(*tasks)
+        for channel in channels:
+            await channel.close()
+        window = [(s, e) for s, e in done if t0 <= e <= t1]
+        latencies = np.array([e - s for s, e in window]) if window else np.array([np.nan])
+        seconds = t1 - t0
+        result = {"batch": batch, "concurrency": concurrency, "seconds": seconds, "requests": len(window),
+                  "requests_per_s": len(window) / seconds, "rows_per_s": len(window) * batch / seconds,
+                  "p50_ms": float(np.percentile(latencies, 50) * 1e3), "p99_ms": float(np.percentile(latencies, 99) * 1e3),
+                  "client_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+                  "errors": len(errors) - errors_before, "first_error": errors[errors_before] if len(errors) > errors_before else ""}
+        print("RESULT " + json.dumps(result), flush=True)
+
+
+def client_main(spec_json: str) -> None:
+    asyncio.run(_run_cells(json.loads(spec_json)))
+
+
+# ---- processes -----------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of ``pid`` and all its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    times: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ppid = int(fields[1])
+        children.setdefault(ppid, []).append(int(entry))
+        times[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total, stack = 0.0, [pid]
+    while stack:
+        p = stack.pop()
+        total += times.get(p, 0.0)
+        stack.extend(children.get(p, []))
+    return total
+
+
+def wait_ready(target: str, model: str, process: subprocess.Popen, log_path: Path, timeout: float = 240) -> None:
+    import grpc
+
+    from serving.api import grpc_service_pb2 as pb
+    from serving.api import grpc_service_pb2_grpc as pb_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}: {log_path.read_text()[-2000:]}")
+            try:
+                if stub.ModelReady(pb.ModelReadyRequest(name=model), timeout=2).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"{model} not ready after {timeout} s; see {log_path}")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def drive(target: str, model: str, dim: int, server_pid: int, cells: list[dict[str, int]], warmup: float,
+          duration: float, channels: int) -> list[dict[str, Any]]:
+    """Run the client process over ``cells``; attach the server tree's CPU use in each window."""
+    spec = {"target": target, "model": model, "input": "x", "dim": dim, "cells": cells, "warmup": warmup,
+            "duration": duration, "channels": channels}
+    process = subprocess.Popen([sys.executable, __file__, "--client", json.dumps(spec)], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, text=True)
+    results, started = [], {}
+    assert process.stdout is not None
+    for line in process.stdout:
+        kind, _, rest = line.strip().partition(" ")
+        if kind == "START":
+            started[int(rest)] = tree_cpu_seconds(server_pid)
+        elif kind == "STOP":
+            started[int(rest)] = tree_cpu_seconds(server_pid) - started[int(rest)]
+        elif kind == "RESULT":
+            result = json.loads(rest)
+            index = len(results)
+            result["server_cpu_s"] = started.get(index, float("nan"))
+            result["client_cpu_pct"] = 100 * result["client_cpu_s"] / result["seconds"]
+            result["server_cpu_pct"] = 100 * result["server_cpu_s"] / result["seconds"]
+            log(f"    batch {result['batch']:>4} x {result['concurrency']:>2}: {result['rows_per_s']:>12,.0f} rows/s "
+                f"{result['requests_per_s']:>8,.0f} req/s p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
+                f"client {result['client_cpu_pct']:.0f}% server {result['server_cpu_pct']:.0f}%"
+                + (f" ERRORS {result['errors']}: {result['first_error']}" if result["errors"] else ""))
+            results.append(result)
+    if process.wait() != 0:
+        raise RuntimeError(f"client process failed with {process.returncode}")
+    return results
+
+
+# ---- systems -------------------------------------------------------------------------------------
+def start_genserve(repo: Path, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log_path = workdir / f"genserve-{port}.log"
+    cmd = [sys.executable, "-m", "genserve", "serve", "--repo", str(repo), "--port", str(port), "--metrics-port",
+           str(free_port()), "--providers", "CPUExecutionProvider", "--log-level", "WARNING", "--reload-interval", "0",
+           *extra]
+    process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    return process, f"127.0.0.1:{port}", log_path
+
+
+KSERVE_SERVER = textwrap.dedent('''
+    """A KServe Python model server for one ONNX file: onnxruntime behind kserve.Model, OIP v2 over gRPC."""
+    import argparse
+
+    import numpy as np
+    import onnxruntime as ort
+    from kserve import InferOutput, InferRequest, InferResponse, Model, ModelServer
+
+
+    class OnnxModel(Model):
+        def __init__(self, name, path, threads):
+            super().__init__(name)
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+            self.input = self.session.get_inputs()[0].name
+            self.output = self.session.get_outputs()[0].name
+            self.ready = True
+
+        def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
+            x = payload.inputs[0].as_numpy()
+            y = self.session.run([self.output], {self.input: x})[0]
+            out = InferOutput(name=self.output, shape=list(y.shape), datatype="FP32")
+            out.set_data_from_numpy(y, binary_data=True)
+            return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id)
+
+
+    if __name__ == "__main__":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--onnx", required=True)
+        parser.add_argument("--name", required=True)
+        parser.add_argument("--threads", type=int, default=1)
+        args, _ = parser.parse_known_args()
+        ModelServer().start([OnnxModel(args.name, args.onnx, args.threads)])
+''')
+
+
+def kserve_python() -> Path:
+    """The interpreter of the KServe virtual environment, created and installed on first use."""
+    venv = CACHE / f"kserve-{KSERVE_VERSION}-venv"
+    python = venv / "bin" / "python"
+    marker = venv / ".installed"
+    if not marker.exists():
+        log(f"installing kserve=={KSERVE_VERSION} into {venv} (first run only) ...")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", f"kserve=={KSERVE_VERSION}", "onnxruntime",
+                        "numpy"], check=True)
+        marker.write_text(KSERVE_VERSION)
+    return python
+
+
+def start_kserve(onnx_path: Path, name: str, workdir: Path) -> tuple[subprocess.Popen, str, Path]:
+    python = kserve_python()
+    script = workdir / "kserve_onnx_server.py"
+    script.write_text(KSERVE_SERVER)
+    port, http_port = free_port(), free_port()
+    log_path = workdir / f"kserve-{port}.log"
+    cmd = [str(python), str(script), "--onnx", str(onnx_path), "--name", name, "--threads", "1",
+           "--grpc_port", str(port), "--http_port", str(http_port), "--workers", "1"]
+    process = subprocess.Popen(cmd, cwd=workdir, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
+    return process, f"127.0.0.1:{port}", log_path
+
+
+def in_process(onnx_path: Path, dim: int, batch: int, threads: int, callers: int, seconds: float) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((batch, dim), dtype=np.float32)
+    for _ in range(3):
+        session.run(None, {"x": x})
+    counts = [0] * callers
+    stop = time.perf_counter() + seconds
+
+    def loop(i: int) -> None:
+        while time.perf_counter() < stop:
+            session.run(None, {"x": x})
+            counts[i] += 1
+
+    cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    threads_ = [threading.Thread(target=loop, args=(i,)) for i in range(callers)]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+    runs = sum(counts)
+    return {"batch": batch, "threads": threads, "callers": callers, "runs_per_s": runs / elapsed,
+            "rows_per_s": runs * batch / elapsed, "mean_ms": 1e3 * elapsed * callers / max(runs, 1),
+            "cpu_pct": 100 * ((cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)) / elapsed}
+
+
+# ---- the graphs ----------------------------------------------------------------------------------
+def build_graphs(repo: Path, wanted: list[str]) -> dict[str, dict[str, Any]]:
+    import onnx
+
+    from training import datasets, registry
+    from training.datasets import Dataset
+    from training.publish import publish
+
+    graphs = {}
+    if "gmm" in wanted:
+        data = datasets.load("digits")
+        estimator = registry.get("gmm").create(n_components=16, covariance_type="diag")
+        estimator.fit_dataset(data)
+        path, manifest = publish(estimator, repo, "s1-gmm", data, calibration=None, metrics={},
+                                 description="S1: 16-component diagonal GMM on digits")
+        graphs["gmm"] = {"model": "s1-gmm", "onnx": path / manifest.graphs["score"].file, "dim": 64,
+                         "what": "GMM, 16 diagonal components, digits (64-D)"}
+    if "kde" in wanted:
+        rng = np.random.default_rng(0)
+        X = rng.standard_normal((10_000, 64)).astype(np.float32).astype(np.float64)
+        Q = rng.standard_normal((256, 64)).astype(np.float32).astype(np.float64)
+        estimator = registry.get("kde").create(kernel="gaussian", bandwidth=2.0).fit(X)
+        path, manifest = publish(estimator, repo, "s1-kde", Dataset("s2-gaussian64", X, Q), calibration=None,
+                                 metrics={}, description="S1: KDE on 10,000 points (S2), h = 2")
+        graphs["kde"] = {"model": "s1-kde", "onnx": path / manifest.graphs["score"].file, "dim": 64,
+                         "what": "KDE, gaussian kernel, 10,000 points in 64-D (S2)"}
+    for g in graphs.values():
+        model = onnx.load(str(g["onnx"]))
+        g["opset"] = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return graphs
+
+
+# ---- main ----------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--client", help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="0.5 s warm-up + 2 s per cell")
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--systems", default="genserve,genserve-w2,kserve,in-process")
+    parser.add_argument("--graphs", default="gmm,kde")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
+    parser.add_argument("--genserve-args", default="", help="extra flags for genserve serve (all genserve rows)")
+    parser.add_argument("--name", default="s1_serving", help="results file stem")
+    args = parser.parse_args()
+    if args.client:
+        client_main(args.client)
+        return
+    if args.quick:
+        args.warmup, args.duration = 0.5, 2.0
+    systems = [s for s in args.systems.split(",") if s]
+    batches = [int(b) for b in args.batches.split(",")]
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    cells = [{"batch": b, "concurrency": c} for b in batches for c in concurrency]
+    info = machine_info()
+    load_before = os.getloadavg()
+    rows: list[dict[str, Any]] = []
+    failures: dict[str, str] = {}
+    inproc: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="genserve-s1-") as tmp:
+        workdir = Path(tmp)
+        repo = workdir / "repo"
+        log("publishing the graphs ...")
+        graphs = build_graphs(repo, args.graphs.split(","))
+        for key, g in graphs.items():
+            log(f"[{key}] {g['what']}: {g['onnx']} (opset {g['opset']})")
+            if "in-process" in systems:
+                for batch in batches:
+                    for threads, callers in ((2, 1), (1, 2)):
+                        r = in_process(g["onnx"], g["dim"], batch, threads, callers, min(args.duration, 3.0))
+                        r["graph"] = key
+                        inproc.append(r)
+                        log(f"    in-process batch {batch:>4}, intra-op {threads}, {callers} caller(s): "
+                            f"{r['rows_per_s']:,.0f} rows/s")
+            for system in systems:
+                if system == "in-process":
+                    continue
+                extra = args.genserve_args.split() if args.genserve_args else []
+                try:
+                    if system == "genserve":
+                        process, target, log_path = start_genserve(repo, workdir, extra)
+                        channels = 1
+                    elif system == "genserve-w2":
+                        process, target, log_path = start_genserve(repo, workdir, ["--workers", "2", *extra])
+                        channels = 4
+                    elif system == "kserve":
+                        process, target, log_path = start_kserve(g["onnx"], g["model"], workdir)
+                        channels = 1
+                    else:
+                        raise ValueError(f"unknown system {system}")
+                except Exception as exc:
+                    failures[f"{system}/{key}"] = f"{type(exc).__name__}: {exc}"
+                    log(f"  {system} cannot start: {exc}")
+                    continue
+                try:
+                    wait_ready(target, g["model"], process, log_path)
+                    log(f"  {system} on {target} (pid {process.pid}) serving {g['model']}")
+                    for r in drive(target, g["model"], g["dim"], process.pid, cells, args.warmup, args.duration,
+                                   channels):
+                        r.update(graph=key, system=system)
+                        rows.append(r)
+                except Exception as exc:
+                    failures[f"{system}/{key}"] = f"{type(exc).__name__}: {exc}"
+                    log(f"  {system} failed: {exc}\n{log_path.read_text()[-1500:] if log_path.exists() else ''}")
+                finally:
+                    stop_process(process)
+        graph_info = {k: {"what": g["what"], "opset": g["opset"], "model": g["model"]} for k, g in graphs.items()}
+    report(rows, inproc, graph_info, failures, info, args, load_before)
+
+
+def _cell(rows: list[dict], graph: str, system: str, batch: int, conc: int) -> dict | None:
+    return next((r for r in rows if (r["graph"], r["system"], r["batch"], r["concurrency"]) ==
+                 (graph, system, batch, conc)), None)
+
+
+def report(rows, inproc, graphs, failures, info, args, load_before) -> None:
+    load_after = os.getloadavg()
+    print(f"## S1 — serving throughput and latency (CPU)\n\n{machine_line(info)}\n\n"
+          f"Cells: {args.warmup:g} s warm-up + {args.duration:g} s timed, one client process (grpc.aio, OIP "
+          f"ModelInfer, raw tensors) on loopback. CPU % is of one core (2 cores = 200 %). Load average "
+          f"before/after: {load_before[0]:.2f}/{load_after[0]:.2f} (the machine is shared with other work).")
+    for graph, g in graphs.items():
+        table = []
+        for r in rows:
+            if r["graph"] != graph:
+                continue
+            table.append([r["system"], r["batch"], r["concurrency"], f"{r['rows_per_s']:,.0f}",
+                          f"{r['requests_per_s']:,.0f}", f"{r['p50_ms']:.2f}", f"{r['p99_ms']:.2f}",
+                          f"{r['client_cpu_pct']:.0f}", f"{r['server_cpu_pct']:.0f}", r["errors"]])
+        print_table(f"{graph}: {g['what']} (opset {g['opset']})",
+                    ["system", "batch", "concurrency", "rows/s", "requests/s", "p50 ms", "p99 ms", "client CPU %",
+                     "server CPU %", "errors"], table)
+        ip = [r for r in inproc if r["graph"] == graph]
+        if ip:
+            print_table(f"{graph}: onnxruntime in-process (the host's limit)",
+                        ["batch", "intra-op threads", "calling threads", "rows/s", "mean ms per run", "CPU %"],
+                        [[r["batch"], r["threads"], r["callers"], f"{r['rows_per_s']:,.0f}", f"{r['mean_ms']:.3f}",
+                          f"{r['cpu_pct']:.0f}"] for r in ip])
+    goals = evaluate_goals(rows, inproc)
+    if goals:
+        print_table("Goals (BENCHMARKS.md S1)", ["goal", "genserve", "reference", "ratio", "met"],
+                    [[g["goal"], g["ours"], g["reference"], g["ratio"], g["met"]] for g in goals])
+    for key, why in failures.items():
+        print(f"\n**{key} did not run:** {why}")
+    write_results(args.name, {"protocol": "BENCHMARKS.md S1", "warmup_s": args.warmup, "duration_s": args.duration,
+                              "graphs": graphs, "served": rows, "in_process": inproc, "goals": goals,
+                              "failures": failures, "load_average_before_after": [load_before, load_after],
+                              "gpu": "none lent"}, info)
+
+
+def evaluate_goals(rows, inproc) -> list[dict[str, Any]]:
+    goals = []
+
+    def best(graph: str, batch: int, conc: int) -> tuple[str, dict | None]:
+        candidates = [(s, _cell(rows, graph, s, batch, conc)) for s in ("genserve", "genserve-w2")]
+        candidates = [(s, r) for s, r in candidates if r is not None]
+        return max(candidates, key=lambda sr: sr[1]["rows_per_s"]) if candidates else ("", None)
+
+    def add(goal: str, ours: dict | None, system: str, ref: float | None, factor: float, ref_text: str,
+            higher: bool = True, value: str = "rows_per_s") -> None:
+        if ours is None or ref is None or not ref:
+            return
+        ratio = ours[value] / ref
+        goals.append({"goal": goal, "ours": f"{ours[value]:,.2f} ({system})" if value != "rows_per_s"
+                      else f"{ours[value]:,.0f} rows/s ({system})", "reference": ref_text,
+                      "ratio": f"{ratio:.2f}×", "met": ratio >= factor if higher else ratio < factor})
+
+    for graph in ("gmm", "kde"):
+        k = _cell(rows, graph, "kserve", 1, 64)
+        system, ours = best(graph, 1, 64)
+        if k:
+            add(f"{graph}: batch 1 × 64 ≥ 3 × KServe rows/s", ours, system, k["rows_per_s"], 3.0,
+                f"KServe {k['rows_per_s']:,.0f} rows/s")
+        for conc in (1, 8, 64):
+            k = _cell(rows, graph, "kserve", 1024, conc)
+            system, ours = best(graph, 1024, conc)
+            if k:
+                add(f"{graph}: batch 1024 × {conc} ≥ 1.5 × KServe rows/s", ours, system, k["rows_per_s"], 1.5,
+                    f"KServe {k['rows_per_s']:,.0f} rows/s")
+        k = _cell(rows, graph, "kserve", 1, 8)
+        ours = _cell(rows, graph, "genserve", 1, 8)
+        if k and ours:
+            goals.append({"goal": f"{graph}: p99 at batch 1 × 8 below KServe's p50", "ours": f"p99 {ours['p99_ms']:.2f} ms (genserve)",
+                          "reference": f"KServe p50 {k['p50_ms']:.2f} ms", "ratio": f"{ours['p99_ms'] / k['p50_ms']:.2f}×",
+                          "met": ours["p99_ms"] < k["p50_ms"]})
+    host = max((r["rows_per_s"] for r in inproc if r["graph"] == "kde" and r["batch"] == 1024), default=None)
+    for conc in (1, 8, 64):
+        system, ours = best("kde", 1024, conc)
+        if host:
+            add(f"kde: batch 1024 × {conc} ≥ 0.8 × in-process rows/s", ours, system, host, 0.8,
+                f"in-process best {host:,.0f} rows/s")
+    return goals
+
+
+if __name__ == "__main__":
+    main()
