@@ -12,6 +12,8 @@
   generated with ``default_rng(0)``, split 70/30 with ``random_state=0``: ``X_train`` is 3-D.
 * a path to a ``.npy`` or ``.csv`` file of rows (a ``.npy`` may also hold sequences
   [N, T, D]), split 70/30 with ``random_state=0``.
+* a folder of PNG images for translation, with ``A/`` and ``B/`` (or ``trainA/``, ``trainB/``
+  and optionally ``testA/``, ``testB/``) subfolders: ``training.images``.
 
 Hyper-parameters are never chosen on ``X_test``: estimators that select (KDE ``cv``, GMM
 ``auto``) split their own validation part off the training rows they are given.
@@ -42,6 +44,8 @@ class Dataset:
     X_train_b: np.ndarray | None = None
     X_test_b: np.ndarray | None = None
     y_train_b: np.ndarray | None = None
+    # True when row i of X_test_b is the counterpart of row i of X_test (digits-bold's dilations).
+    paired_test: bool = False
 
     @property
     def n_features(self) -> int:
@@ -72,7 +76,7 @@ def digits_bold() -> Dataset:
     return Dataset("digits-bold", images[a_idx].reshape(-1, 64), images[test_idx].reshape(-1, 64),
                    bunch.target[a_idx], bunch.target[test_idx], image_shape=(8, 8),
                    X_train_b=bold[b_idx].reshape(-1, 64), X_test_b=bold[test_idx].reshape(-1, 64),
-                   y_train_b=bunch.target[b_idx])
+                   y_train_b=bunch.target[b_idx], paired_test=True)
 
 
 def sample_grid25(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -138,9 +142,14 @@ NAMED = {"digits": digits, "grid25": grid25, "digits-bold": digits_bold, "regime
 
 
 def load(name_or_path: str) -> Dataset:
-    """A named dataset or a file of rows."""
+    """A named dataset, a file of rows, or a folder of PNG images for translation."""
     if name_or_path in NAMED:
         return NAMED[name_or_path]()
+    if Path(name_or_path).is_dir():
+        from training.images import load_translation_folder
+
+        return load_translation_folder(Path(name_or_path))
     if name_or_path.endswith((".npy", ".csv")) or Path(name_or_path).exists():
         return from_file(Path(name_or_path))
-    raise ValueError(f"--data {name_or_path!r}: expected one of {sorted(NAMED)} or a path to a .npy/.csv file")
+    raise ValueError(f"--data {name_or_path!r}: expected one of {sorted(NAMED)}, a path to a .npy/.csv file, "
+                     "or a folder of PNG images with A/ and B/ subfolders")
