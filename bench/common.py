@@ -43,6 +43,13 @@ DIGITS_FAMILY_PARAMS: dict[str, dict[str, Any]] = {
 HISTOGRAM_NA = "n/a — histograms are for d ≤ 3"
 
 
+def other_families() -> list[str]:
+    """Registered families the digits scripts do not run by default (neural, sequence, ...)."""
+    from training import registry
+
+    return [name for name in registry.FAMILIES if name not in DIGITS_FAMILY_PARAMS]
+
+
 # ---- an exact, independent kernel density reference ------------------------------------------------
 # scikit-learn's tree-based KernelDensity is *not* exact at small bandwidths even with
 # rtol=atol=0 (scikit-learn issues #25799 and #27186: the node bounds go wrong once kernel values

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DIGITS_FAMILY_PARAMS, HISTOGRAM_NA, REPO_ROOT, log, machine_info, machine_line, print_table, \
+from common import DIGITS_FAMILY_PARAMS, HISTOGRAM_NA, REPO_ROOT, log, other_families, machine_info, machine_line, print_table, \
     write_results
 
 MIB_PER_KIB = 1 / 1024
@@ -112,7 +112,8 @@ def mib(kib: float | None) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default=None, help="comma-separated (default: every registered family)")
+    parser.add_argument("--families", default=",".join(DIGITS_FAMILY_PARAMS),
+                        help=f"comma-separated (default: {', '.join(DIGITS_FAMILY_PARAMS)})")
     parser.add_argument("--repeats", type=int, default=3, help="children per family (median time, max peak)")
     parser.add_argument("--demo-repeats", type=int, default=1, help="demo builds (each from empty)")
     parser.add_argument("--skip-demo", action="store_true")
@@ -127,10 +128,9 @@ def main() -> None:
         print(json.dumps(child_demo(args.child_demo)))
         return
 
-    from training import registry
-
     info = machine_info()
-    families = [f.strip() for f in (args.families or ",".join(registry.FAMILIES)).split(",") if f.strip()]
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    skipped = [f for f in other_families() if f not in families]
     rows: list[dict[str, Any]] = []
     for name in families:
         runs = []
@@ -182,7 +182,9 @@ def main() -> None:
           "Peak = ru_maxrss of the child (RUSAGE_SELF) after the fit; baseline = the same before it, after "
           "imports and data loading; extra = peak − baseline. Time = median over children of the fit "
           "alone (perf_counter), imports excluded; CPU s = user + system time of the child over the same span "
-          "(all threads; less sensitive than wall time to other processes' load on a shared machine).")
+          "(all threads; less sensitive than wall time to other processes' load on a shared machine)."
+          + (f"\n\nRegistered families not fitted here: {', '.join(skipped)} (pass --families to include one); "
+             "the demo build includes whatever training.demo.DEMO_MODELS lists." if skipped else ""))
     print_table("digits (1,257 training rows, 64 dimensions); demo = every model of training.demo.DEMO_MODELS",
                 ["what", "chosen", "wall s (median)", "CPU s (median)", "runs", "baseline RSS MiB", "peak RSS MiB",
                  "extra MiB", "note"],
@@ -195,7 +197,7 @@ def main() -> None:
                   f"{r['extra_mib']:.0f}" if "extra_mib" in r else "–", r.get("note", "")] for r in rows])
     write_results(args.name, {"method": "fresh child process per measurement; ru_maxrss (RUSAGE_SELF) in the "
                                         "child before and after; RUSAGE_CHILDREN in the parent as cross-check",
-                              "rows": rows}, info)
+                              "families_not_run": skipped, "rows": rows}, info)
 
 
 if __name__ == "__main__":
