@@ -98,6 +98,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, required=True, help="number of samples")
     p.add_argument("--seed", type=int, default=0, help="seed of the server's noise, default 0")
     p.add_argument("--label", type=int, help="class label for class-conditional models")
+    p.add_argument("--length", type=int, default=0,
+                   help="sequence length for sequence models (default: the model's own)")
     p.set_defaults(func=client_sample)
     p = commands.add_parser("translate", parents=[conn, model, rows, output], help="map rows to the other domain")
     p.add_argument("--direction", choices=("a2b", "b2a"), default="a2b", help="default a2b")
@@ -237,7 +239,7 @@ def client_detect(client: Any, args: argparse.Namespace) -> str:
 
 @_with_client
 def client_sample(client: Any, args: argparse.Namespace) -> str:
-    samples = client.sample(args.model, args.n, args.seed, args.label, args.version)
+    samples = client.sample(args.model, args.n, args.seed, args.label, args.version, length=args.length)
     where = write_array(args.output, samples)
     text = f"drew {len(samples)} samples of shape {list(samples.shape[1:])} from {args.model} (seed {args.seed}){where}"
     if args.output is None:
