@@ -36,9 +36,10 @@ def test_manifest_declares_sequences_and_a_resizable_length(published):
     assert manifest.metrics["test_log_likelihood_per_step"] > -2.4  # the true model gets about -2.34
 
 
-def test_hmm_served_like_its_estimator(published, fresh_server):
+def test_hmm_served_like_its_estimator(published, fresh_server, tmp_path):
     repo, manifest, estimator, data = published
-    client = fresh_server(repo).start().client()
+    handle = fresh_server(repo).start()
+    client = handle.client()
     name = manifest.name
     for length in (50, 13, 1):  # the training length, and lengths the graph was never traced at
         x = np.ascontiguousarray(data.X_test[:40, :length], dtype=np.float32)
@@ -57,6 +58,9 @@ def test_hmm_served_like_its_estimator(published, fresh_server):
     b = client.sample(name, n=4, seed=3, length=120)
     assert b.shape == (4, 120, 2)
     np.testing.assert_allclose(b, estimator.sample(4, seed=3, length=120).numpy(), rtol=1e-5, atol=1e-5)
+    assert main(["client", "sample", "--port", str(handle.server.port), "--model", name, "--n", "4", "--seed", "3",
+                 "--length", "120", "--output", str(tmp_path / "s.npy")]) == 0  # the command line's --length
+    np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), b)
 
 
 def test_genserve_train_hmm_on_a_file_of_sequences(tmp_path):
