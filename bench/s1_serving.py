@@ -7,7 +7,9 @@ Graphs (published with ``training.publish.publish`` into a temporary repository)
 
 Systems, each a separate server process on a free loopback port, driven by ONE separate client
 process (``--client``: grpc.aio, ``concurrency`` coroutines, OIP ``ModelInfer`` with the batch in
-``raw_input_contents``; the same client and the same request bytes for every server):
+``raw_input_contents``; the same client and the same request bytes for every server). All servers
+of a graph run at once and take turns cell by cell, so a change in the (shared) machine's load
+affects every system alike:
 * ``genserve`` — ``python -m genserve serve`` with its defaults (dynamic batching, delay 0,
   2 runner threads per graph, intra-op 1), called through the Open Inference Protocol;
 * ``genserve-w2`` — the same with ``--workers 2`` (two processes sharing the port by SO_REUSEPORT;
@@ -71,11 +73,11 @@ async def _run_cells(spec: dict[str, Any]) -> None:
     for index, cell in enumerate(spec["cells"]):
         batch, concurrency = cell["batch"], cell["concurrency"]
         x = rng.random((batch, spec["dim"]), dtype=np.float32)
-        request = pb.ModelInferRequest(model_name=spec["model"])
+        request = pb.ModelInferRequest(model_name=cell["model"])
         request.inputs.add(name=spec["input"], datatype="FP32", shape=[batch, spec["dim"]])
         request.raw_input_contents.append(x.tobytes())
-        channels = [grpc.aio.insecure_channel(spec["target"], options=options)
-                    for _ in range(max(1, min(spec["channels"], concurrency)))]
+        channels = [grpc.aio.insecure_channel(cell["target"], options=options)
+                    for _ in range(max(1, min(cell["channels"], concurrency)))]
         calls = [pb_grpc.GRPCInferenceServiceStub(c).ModelInfer for c in channels]
         done: list[tuple[float, float]] = []
         errors: list[str] = []
@@ -184,29 +186,31 @@ def stop_process(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def drive(target: str, model: str, dim: int, server_pid: int, cells: list[dict[str, int]], warmup: float,
-          duration: float, channels: int) -> list[dict[str, Any]]:
-    """Run the client process over ``cells``; attach the server tree's CPU use in each window."""
-    spec = {"target": target, "model": model, "input": "x", "dim": dim, "cells": cells, "warmup": warmup,
-            "duration": duration, "channels": channels}
+def drive(cells: list[dict[str, Any]], pids: dict[str, int], dim: int, warmup: float,
+          duration: float) -> list[dict[str, Any]]:
+    """Run the client process over ``cells`` (each names its system, target and model); attach the
+    CPU used by that system's server process tree in each timed window."""
+    spec = {"input": "x", "dim": dim, "cells": cells, "warmup": warmup, "duration": duration}
     process = subprocess.Popen([sys.executable, __file__, "--client", json.dumps(spec)], cwd=REPO_ROOT,
                                stdout=subprocess.PIPE, text=True)
-    results, started = [], {}
+    results, cpu = [], {}
     assert process.stdout is not None
     for line in process.stdout:
         kind, _, rest = line.strip().partition(" ")
-        if kind == "START":
-            started[int(rest)] = tree_cpu_seconds(server_pid)
-        elif kind == "STOP":
-            started[int(rest)] = tree_cpu_seconds(server_pid) - started[int(rest)]
+        if kind in ("START", "STOP"):
+            index = int(rest)
+            now = tree_cpu_seconds(pids[cells[index]["system"]])
+            cpu[index] = now if kind == "START" else now - cpu[index]
         elif kind == "RESULT":
             result = json.loads(rest)
             index = len(results)
-            result["server_cpu_s"] = started.get(index, float("nan"))
+            result["system"] = cells[index]["system"]
+            result["server_cpu_s"] = cpu.get(index, float("nan"))
             result["client_cpu_pct"] = 100 * result["client_cpu_s"] / result["seconds"]
             result["server_cpu_pct"] = 100 * result["server_cpu_s"] / result["seconds"]
-            log(f"    batch {result['batch']:>4} x {result['concurrency']:>2}: {result['rows_per_s']:>12,.0f} rows/s "
-                f"{result['requests_per_s']:>8,.0f} req/s p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
+            log(f"    {result['system']:<12} batch {result['batch']:>4} x {result['concurrency']:>2}: "
+                f"{result['rows_per_s']:>12,.0f} rows/s {result['requests_per_s']:>8,.0f} req/s "
+                f"p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
                 f"client {result['client_cpu_pct']:.0f}% server {result['server_cpu_pct']:.0f}%"
                 + (f" ERRORS {result['errors']}: {result['first_error']}" if result["errors"] else ""))
             results.append(result)
@@ -398,10 +402,13 @@ def main() -> None:
                         inproc.append(r)
                         log(f"    in-process batch {batch:>4}, intra-op {threads}, {callers} caller(s): "
                             f"{r['rows_per_s']:,.0f} rows/s")
+            # Every server of this graph runs at once (an idle one uses no CPU) and the systems take
+            # turns cell by cell, so a change in the machine's load hits them alike.
+            servers: dict[str, tuple[subprocess.Popen, str, Path, int]] = {}
+            extra = args.genserve_args.split() if args.genserve_args else []
             for system in systems:
                 if system == "in-process":
                     continue
-                extra = args.genserve_args.split() if args.genserve_args else []
                 try:
                     if system == "genserve":
                         process, target, log_path = start_genserve(repo, workdir, extra)
@@ -414,21 +421,32 @@ def main() -> None:
                         channels = 1
                     else:
                         raise ValueError(f"unknown system {system}")
+                    servers[system] = (process, target, log_path, channels)
                 except Exception as exc:
                     failures[f"{system}/{key}"] = f"{type(exc).__name__}: {exc}"
                     log(f"  {system} cannot start: {exc}")
-                    continue
-                try:
-                    wait_ready(target, g["model"], process, log_path)
-                    log(f"  {system} on {target} (pid {process.pid}) serving {g['model']}")
-                    for r in drive(target, g["model"], g["dim"], process.pid, cells, args.warmup, args.duration,
-                                   channels):
-                        r.update(graph=key, system=system)
+            try:
+                for system, (process, target, log_path, _) in list(servers.items()):
+                    try:
+                        wait_ready(target, g["model"], process, log_path)
+                        log(f"  {system} on {target} (pid {process.pid}) serving {g['model']}")
+                    except Exception as exc:
+                        failures[f"{system}/{key}"] = f"{type(exc).__name__}: {exc}"
+                        log(f"  {system} failed: {exc}")
+                        stop_process(process)
+                        del servers[system]
+                plan = [{**cell, "system": system, "target": target, "model": g["model"], "channels": channels}
+                        for cell in cells for system, (_, target, _, channels) in servers.items()]
+                if plan:
+                    pids = {system: process.pid for system, (process, *_rest) in servers.items()}
+                    for r in drive(plan, pids, g["dim"], args.warmup, args.duration):
+                        r["graph"] = key
                         rows.append(r)
-                except Exception as exc:
-                    failures[f"{system}/{key}"] = f"{type(exc).__name__}: {exc}"
-                    log(f"  {system} failed: {exc}\n{log_path.read_text()[-1500:] if log_path.exists() else ''}")
-                finally:
+            except Exception as exc:
+                failures[f"client/{key}"] = f"{type(exc).__name__}: {exc}"
+                log(f"  the client failed: {exc}")
+            finally:
+                for process, *_rest in servers.values():
                     stop_process(process)
         graph_info = {k: {"what": g["what"], "opset": g["opset"], "model": g["model"]} for k, g in graphs.items()}
     report(rows, inproc, graph_info, failures, info, args, load_before)

@@ -29,6 +29,15 @@ Policy
     * Runs happen on the batcher's own threads (never on the event loop; onnxruntime releases the
       GIL), each holding one of the server-wide run slots (``worker_threads``), so several busy
       graphs do not oversubscribe the cores. Runner ``i`` uses session ``i % instances``.
+    * Cheap graphs run on the event loop, deliberately. Handing a request to a runner thread and
+      its result back costs two thread switches (and, on a busy machine, two waits in the OS run
+      queue) — more than a session run of a few rows of a cheap graph. So when the batcher's cost
+      model (overhead + per-row time, measured at warm-up and corrected by every run) says a
+      merged batch costs at most ``inline_budget`` (default 100 µs) and the graph is cheap per row,
+      the requests that reached the batcher during one event-loop iteration are merged and run
+      right there, in one run, at the end of the iteration. The loop is then blocked no longer
+      than decoding a large request would block it; anything costlier (the DESIGN rule: never a
+      long run on the loop) goes to the runner threads.
     * Runner threads start on demand and end after being idle; a retired batcher (its model
       version was replaced or unloaded) still serves whatever reaches it, so a request that
       resolved the old version just before a swap completes instead of failing.
@@ -77,6 +86,7 @@ class BatchPolicy:
     max_queue_size: int = 1024
     runners: int = 1
     batchable: bool = True
+    inline_budget_s: float = 0.0  # 0 = never run on the event loop
 
 
 @dataclass
@@ -165,7 +175,7 @@ class Batcher:
 
     def __init__(self, model: str, graph: str, run: RunFn, policy: BatchPolicy,
                  observer: BatchObserver | None = None, slots: threading.Semaphore | None = None,
-                 seconds_per_row: float = 0.0):
+                 seconds_per_row: float = 0.0, overhead_s: float = 0.0):
         self.model, self.graph = model, graph
         self.policy = policy
         self.stats = GraphStats()
@@ -179,7 +189,12 @@ class Batcher:
         self._idle = 0
         self._next_runner = 0
         self._retired = False
-        self._seconds_per_row = seconds_per_row
+        # Cost model of one run: overhead + rows * per_row, times a correction learnt from runs.
+        self._per_row = seconds_per_row
+        self._overhead = overhead_s
+        self._correction = 1.0
+        self._inline: list[_Request] = []
+        self._inline_scheduled = False
 
     # ---- submitting ------------------------------------------------------------------------
     def _key(self, feeds: dict[str, np.ndarray]) -> object:
@@ -192,10 +207,10 @@ class Batcher:
         if not policy.batchable or rows <= 1:
             return [_Piece(request, 0, 0, rows, key)]
         size = min(rows, policy.max_batch_size, request.max_rows or rows)
-        if policy.runners > 1 and self._seconds_per_row > 0:
+        if policy.runners > 1 and self._per_row > 0:
             # Spread an expensive request over the runners when each share is worth a thread.
             share = math.ceil(rows / policy.runners)
-            if share * self._seconds_per_row >= SPLIT_MIN_SECONDS:
+            if self.estimate(share) >= SPLIT_MIN_SECONDS:
                 size = min(size, share)
         return [_Piece(request, i, start, min(start + size, rows), key)
                 for i, start in enumerate(range(0, rows, size))]
@@ -241,8 +256,70 @@ class Batcher:
         request = _Request(feeds, _rows(feeds), ctx)
         request.loop = loop
         request.afuture = loop.create_future()
-        self._enqueue(request)
+        if self._inline_ok(request.rows):
+            self._inline.append(request)
+            if not self._inline_scheduled:
+                self._inline_scheduled = True
+                loop.call_soon(self._drain_inline)
+        else:
+            self._enqueue(request)
         return await request.afuture
+
+    # ---- the cost model and the event-loop path ------------------------------------------------
+    def estimate(self, rows: int) -> float:
+        """Estimated seconds of one run of ``rows`` rows (0 when nothing is known yet)."""
+        return self._correction * (self._overhead + self._per_row * rows)
+
+    def _inline_ok(self, rows: int) -> bool:
+        budget = self.policy.inline_budget_s
+        return (budget > 0 and self.policy.batchable and self._per_row > 0 and rows <= self.policy.max_batch_size
+                and self._per_row * 16 <= budget / 2 and self.estimate(rows) <= budget)
+
+    def _drain_inline(self) -> None:
+        """On the event loop, after the requests of this iteration arrived: merge and run them."""
+        self._inline_scheduled = False
+        pending, self._inline = self._inline, []
+        now = time.monotonic()
+        groups: dict[object, list[_Request]] = {}
+        for request in pending:
+            error = _stop_reason(request.ctx, now)
+            if error is not None:
+                request.done = True
+                self._deliver_error(request, error)
+                continue
+            groups.setdefault(self._key(request.feeds), []).append(request)
+        budget, limit = self.policy.inline_budget_s, self.policy.max_batch_size
+        for requests in groups.values():
+            batch: list[_Request] = []
+            rows = 0
+            for request in requests:
+                if batch and (rows + request.rows > limit or self.estimate(rows + request.rows) > budget):
+                    self._run_inline(batch)
+                    batch, rows = [], 0
+                batch.append(request)
+                rows += request.rows
+            if batch:
+                self._run_inline(batch)
+
+    def _run_inline(self, requests: list[_Request]) -> None:
+        if self._slots is not None and not self._slots.acquire(blocking=False):
+            for request in requests:  # every run slot is busy: the runner threads take them
+                try:
+                    self._enqueue(request)
+                except ServingError as exc:
+                    request.done = True
+                    self._deliver_error(request, exc)
+            return
+        try:
+            pieces = []
+            for request in requests:
+                request.untaken = request.pending = 1
+                request.parts = [None]
+                pieces.append(_Piece(request, 0, 0, request.rows, None))
+            self._execute(0, pieces, holding_slot=True, on_loop=True)
+        finally:
+            if self._slots is not None:
+                self._slots.release()
 
     # ---- lifecycle -------------------------------------------------------------------------
     def retire(self) -> None:
@@ -257,7 +334,7 @@ class Batcher:
 
     @property
     def seconds_per_row(self) -> float:
-        return self._seconds_per_row
+        return self._per_row * self._correction
 
     def _start_runner(self) -> None:
         index = self._next_runner
@@ -356,7 +433,7 @@ class Batcher:
         if request.untaken == 0:
             self._waiting -= 1
 
-    def _execute(self, index: int, batch: list[_Piece]) -> None:
+    def _execute(self, index: int, batch: list[_Piece], holding_slot: bool = False, on_loop: bool = False) -> None:
         started = time.monotonic()
         observers = self._observers(batch)
         for piece in batch:
@@ -374,7 +451,7 @@ class Batcher:
                 parts = [p.feeds() for p in batch]
                 feeds = {name: np.concatenate([f[name] for f in parts], axis=0) for name in parts[0]}
             merged = time.monotonic()
-            if self._slots is not None:
+            if self._slots is not None and not holding_slot:
                 with self._slots:
                     computed_start = time.monotonic()
                     outputs = self._run(index, feeds)
@@ -425,12 +502,17 @@ class Batcher:
             elif request.loop is not None:
                 async_results.setdefault(request.loop, []).append((request.afuture, result, None))
         for loop, results in async_results.items():
-            _call_soon(loop, results)
+            if on_loop:
+                _deliver_async(results)
+            else:
+                _call_soon(loop, results)
 
     def _learn(self, rows: int, seconds: float) -> None:
-        per_row = seconds / max(rows, 1)
-        old = self._seconds_per_row
-        self._seconds_per_row = per_row if old <= 0 else 0.8 * old + 0.2 * per_row
+        base = self._overhead + self._per_row * rows
+        if base <= 0:
+            self._per_row = seconds / max(rows, 1)
+            return
+        self._correction = 0.9 * self._correction + 0.1 * min(max(seconds / base, 0.1), 10.0)
 
     def _observers(self, batch: Sequence[_Piece]) -> list[Any]:
         """The batcher's observer and those the requests' contexts carry, each once."""

@@ -79,6 +79,7 @@ class RuntimeOptions:
     max_queue_size: int = 1024
     runners: int = 1  # runner threads per graph
     run_slots: int = 0  # session runs at once across the server; 0 = unbounded
+    inline_budget_us: float = 0.0  # cheapest merged runs happen on the event loop (see batching)
     warm_up: bool = True
 
     @classmethod
@@ -94,7 +95,8 @@ class RuntimeOptions:
                    trt_fp16=settings.trt_fp16, trt_engine_cache_dir=None if cache is None else str(cache),
                    graph_instances=settings.graph_instances, max_batch_size=settings.chunk_rows,
                    max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
-                   runners=settings.worker_threads, run_slots=settings.worker_threads, warm_up=settings.warm_up)
+                   runners=settings.worker_threads, run_slots=settings.worker_threads, warm_up=settings.warm_up,
+                   inline_budget_us=settings.inline_budget_us)
 
 
 @dataclass
@@ -130,7 +132,7 @@ class SessionFactory:
                 delay_ms = batching.max_queue_delay_ms
         return BatchPolicy(max_batch_size=max_rows, max_queue_delay_s=delay_ms / 1000.0,
                            max_queue_size=o.max_queue_size, runners=max(o.runners, o.graph_instances),
-                           batchable=batchable)
+                           batchable=batchable, inline_budget_s=o.inline_budget_us / 1e6 if delay_ms == 0 else 0.0)
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()
@@ -269,22 +271,32 @@ class GraphSession:
         rows = min(PROBE_ROWS, self.batcher.policy.max_batch_size)
         if rows < 2:
             return
-        feeds = self._feeds(rows)
+        one, feeds = self._feeds(1), self._feeds(rows)
         try:
             self._run_instance(0, feeds)
-            started = time.perf_counter()
-            outputs = self._run_instance(0, feeds)
-            per_row = (time.perf_counter() - started) / rows
-            follows = all(np.ndim(o) >= 1 and len(o) == rows for o in outputs)
+            t_one = min(self._timed(one) for _ in range(3))
+            times, outputs = zip(*(self._timed_outputs(feeds) for _ in range(3)))
+            t_many = min(times)
+            follows = all(np.ndim(o) >= 1 and len(o) == rows for o in outputs[0])
         except Exception as exc:  # a graph that declares -1 but cannot take several rows
             log.info("graph %s of %s does not take %d rows (%s): served unbatched", self.name, self.model, rows,
                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            follows, per_row = False, 0.0
+            follows, t_one, t_many = False, 0.0, 0.0
         if not follows:
             self.batchable = False
+        per_row = max((t_many - t_one) / (rows - 1), 1e-9) if follows else 0.0
+        overhead = max(t_one - per_row, 0.0) if follows else 0.0
         self.batcher = Batcher(self.model, self.name, self._run_instance,
                                self._factory.batch_policy(self._batching, self.batchable), self._factory.observer,
-                               self._factory.slots, seconds_per_row=per_row if follows else 0.0)
+                               self._factory.slots, seconds_per_row=per_row, overhead_s=overhead)
+
+    def _timed(self, feeds: dict[str, np.ndarray]) -> float:
+        return self._timed_outputs(feeds)[0]
+
+    def _timed_outputs(self, feeds: dict[str, np.ndarray]) -> tuple[float, list[np.ndarray]]:
+        started = time.perf_counter()
+        outputs = self._run_instance(0, feeds)
+        return time.perf_counter() - started, outputs
 
     def _run_instance(self, instance: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """One session run on session ``instance``; outputs in the spec's order."""

@@ -62,7 +62,7 @@ def test_concurrent_requests_from_both_apis_are_merged_and_answered_row_by_row(f
 
 
 def test_a_full_queue_answers_resource_exhausted(fresh_server, serving_repo):
-    handle = fresh_server(max_queue_size=2, worker_threads=1).start()
+    handle = fresh_server(max_queue_size=2, worker_threads=1, inline_budget_us=0).start()
     blocker = RunBlocker(handle.server.repository.models[G].graphs["score"])
     c = client(handle.server.port)
     x = serving_repo.X_test[:3].astype(np.float32)
@@ -85,7 +85,7 @@ def test_a_full_queue_answers_resource_exhausted(fresh_server, serving_repo):
 
 
 def test_a_request_whose_deadline_passes_in_the_queue_never_runs(fresh_server, serving_repo):
-    handle = fresh_server(worker_threads=1).start()
+    handle = fresh_server(worker_threads=1, inline_budget_us=0).start()
     blocker = RunBlocker(handle.server.repository.models[G].graphs["score"])
     c = client(handle.server.port)
     x = serving_repo.X_test[:3].astype(np.float32)

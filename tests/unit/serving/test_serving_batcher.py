@@ -189,3 +189,29 @@ def test_concurrent_async_and_blocking_callers_all_get_their_rows():
         np.testing.assert_array_equal(y, 2 * a)
     assert len(session.runs) < 60  # merged
     batcher.retire()
+
+
+def test_cheap_batches_run_on_the_event_loop_merged_per_iteration():
+    import asyncio
+
+    session = FakeSession()
+    threads: list[str] = []
+
+    def run(instance, feeds):
+        threads.append(threading.current_thread().name)
+        return session(instance, feeds)
+
+    policy = BatchPolicy(max_batch_size=64, runners=2, inline_budget_s=1e-4)
+    batcher = Batcher("m", "g", run, policy, seconds_per_row=1e-7, overhead_s=1e-5)
+    arrays = [np.full((1, 3), i, np.float32) for i in range(20)]
+
+    async def many():
+        return await asyncio.gather(*(batcher.infer({"x": a}) for a in arrays))
+
+    results = asyncio.run(many())
+    for a, (y, _) in zip(arrays, results):
+        np.testing.assert_array_equal(y, 2 * a)
+    assert session.runs == [20] and threads == ["MainThread"]  # one run, on the loop's thread
+    expensive = Batcher("m", "g", run, policy, seconds_per_row=1e-3)  # never on the loop
+    asyncio.run(expensive.infer({"x": arrays[0]}))
+    assert threads[-1].startswith("genserve-batch")
