@@ -46,6 +46,8 @@ _SERVE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "dynamic batching: longest wait for a batch to fill, default 0 (run what is queued at once)"),
     ("max_queue_size", "--max-queue-size", int, "requests waiting per graph before RESOURCE_EXHAUSTED, default 1024"),
     ("graph_instances", "--graph-instances", int, "onnxruntime sessions per graph, default 1"),
+    ("inline_budget_us", "--inline-budget-us", float,
+     "cheap merged runs up to this many microseconds run on the event loop, default 100; 0 = never"),
     ("graph_optimization_level", "--graph-optimization-level", str, "disable, basic, extended or all (default)"),
     ("reload_interval_s", "--reload-interval", float, "seconds between repository polls for new versions, "
                                                       "default 5; 0 = never"),
