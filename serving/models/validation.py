@@ -69,6 +69,8 @@ def check_rows(x: np.ndarray, row_shape: list[int] | tuple[int, ...], dtype: str
     if x.shape[0] == 0:
         raise InvalidArgument(f"{field}: empty batch: expected at least one row of shape {expected}, "
                               f"got {list(x.shape)}")
+    if 0 in x.shape[1:]:  # e.g. sequences [N, 0, D]: "any length" (-1) means at least one step
+        raise InvalidArgument(f"{field}: expected shape {expected} with no empty axis, got {list(x.shape)}")
     if x.shape[0] > limits.max_rows:
         raise ResourceExhausted(f"{field}: {x.shape[0]} rows exceed the limit of {limits.max_rows} rows per "
                                 f"request (max_rows_per_request); send them in smaller batches")
