@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from genserve.cli import main
+from serving.client import ClientError
 from serving.repository.manifest import Manifest
 from training import datasets, registry
 from training.demo import DEMO_MODELS
@@ -45,6 +46,10 @@ def test_hmm_served_like_its_estimator(published, fresh_server, tmp_path):
         x = np.ascontiguousarray(data.X_test[:40, :length], dtype=np.float32)
         np.testing.assert_allclose(client.score(name, x), estimator.log_prob(x.astype(np.float64)).numpy(),
                                    rtol=1e-5, atol=1e-4)
+
+    with pytest.raises(ClientError) as empty:  # "any length" means at least one step
+        client.score(name, np.zeros((2, 0, 2), np.float32))
+    assert empty.value.code == "INVALID_ARGUMENT" and "x" in empty.value.message
 
     shifted = data.X_test[:3] + np.array([6.0, -6.0])  # regimes the model has never seen
     rows = np.concatenate([data.X_test, shifted]).astype(np.float32)
