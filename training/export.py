@@ -92,10 +92,12 @@ def export_and_check(graph: ExportGraph, folder: Path, check_rows: np.ndarray | 
     inputs = check_rows if isinstance(check_rows, dict) else graph_inputs(graph, check_rows, seed)
     export_onnx(graph, path, inputs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    onnx_out = session.run([graph.outputs[0].name], inputs)[0]
+    onnx_outs = session.run([spec.name for spec in graph.outputs], inputs)
     with torch.no_grad():
-        torch_out = graph.module(*(torch.from_numpy(inputs[s.name]) for s in graph.inputs)).numpy()
-    result = compare(torch_out, onnx_out)
+        torch_outs = graph.module(*(torch.from_numpy(inputs[s.name]) for s in graph.inputs))
+    torch_outs = torch_outs if isinstance(torch_outs, (tuple, list)) else (torch_outs,)
+    parts = [compare(t.numpy(), o) for t, o in zip(torch_outs, onnx_outs)]  # every output (e.g. encode's two)
+    result = ParityResult(max(p.max_abs_diff for p in parts), max(p.max_rel_diff for p in parts))
     if not result.max_rel_diff <= tolerance:
         path.unlink(missing_ok=True)
         raise ExportCheckError(f"graph {graph.name!r}: ONNX differs from torch by "
