@@ -91,7 +91,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            (Option("--components", "n_components", _number_or(int, "auto"),
                    "INT or auto (chosen on a validation split)"),
             Option("--covariance", "covariance_type", str, "covariance structure",
-                   ("full", "diag", "auto"))),
+                   ("full", "diag", "auto")),
+            Option("--reg-covar", "reg_covar", float,
+                   "ridge added to each covariance's diagonal (default 1e-6; 1e-2 suits one-class "
+                   "detection on small classes)")),
            {"n_components": "auto", "covariance_type": "auto"}),
     Family("hmm", "training.estimators.hmm:GaussianHMM",
            "Gaussian hidden Markov model fitted by Baum-Welch EM, for sequences [N, T, D]",
