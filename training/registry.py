@@ -176,6 +176,27 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                    "share of training rows held out for early stopping and the anomaly threshold"),
             Option("--device", "device", str, "auto, cpu or cuda[:N]"),
             Option("--seed", "random_state", int, "training seed"))),
+    Family("cyclegan", "training.estimators.cyclegan:CycleGAN",
+           "CycleGAN: unpaired translation between two domains (digits-bold, or a folder with A/ and B/ PNG "
+           "subfolders), served by Translate a2b/b2a",
+           (Option("--architecture", "architecture", str, "auto (conv for images, mlp for rows), conv or mlp",
+                   ("auto", "conv", "mlp")),
+            Option("--width", "width", int, "channels of the convolutional generators"),
+            Option("--blocks", "blocks", int, "residual blocks per convolutional generator"),
+            Option("--downsamplings", "downsamplings", int, "stride-2 stages (image sides must divide by 2^n)"),
+            Option("--norm", "norm", str, "normalisation in the convolutional nets", ("none", "instance")),
+            Option("--discriminator", "discriminator", str,
+                   "global (MLP on the whole image) or patch (PatchGAN) for images", ("global", "patch")),
+            Option("--hidden", "hidden", int, "units per hidden layer of the MLP nets"),
+            Option("--lambda-cycle", "lambda_cycle", float, "weight of the cycle L1 loss"),
+            Option("--lambda-identity", "lambda_identity", float, "weight of the identity L1 loss (0 = off)"),
+            Option("--epochs", "epochs", int, "passes over the larger domain"),
+            Option("--decay-epochs", "decay_epochs", int, "last epochs over which the learning rate falls to 0"),
+            Option("--batch-size", "batch_size", int, "rows of each domain per step (per process under torchrun)"),
+            Option("--learning-rate", "learning_rate", float, "Adam learning rate (beta1 = 0.5)"),
+            Option("--pool-size", "pool_size", int, "past fakes shown to the discriminators (0 = off)"),
+            Option("--device", "device", str, "auto, cpu or cuda[:N]"),
+            Option("--seed", "random_state", int, "training seed"))),
 )}
 
 
