@@ -37,7 +37,8 @@ def register(subparsers) -> None:
     for family in registry.FAMILIES.values():
         parser = families.add_parser(family.name, help=family.summary, description=family.summary)
         parser.add_argument("--data", required=True,
-                            help="digits, grid25, or a path to a .npy/.csv file of rows")
+                            help="digits, grid25, digits-bold, regimes, a path to a .npy/.csv file of rows, "
+                                 "or (cyclegan) a folder of PNG images with A/ and B/ subfolders")
         parser.add_argument("--out", required=True, type=Path, help="model repository folder")
         parser.add_argument("--name", help="model name (default: DATASET-FAMILY)")
         parser.add_argument("--contamination", type=_contamination, default=0.01,
@@ -63,7 +64,8 @@ def run_train(args: argparse.Namespace) -> int:
     from training.pipeline import train_and_publish
 
     params = {p: getattr(args, p) for p in args.option_params}
-    dataset_label = Path(args.data).stem if args.data.endswith((".npy", ".csv")) else args.data
+    data = Path(args.data)
+    dataset_label = data.stem if args.data.endswith((".npy", ".csv")) else data.name if data.is_dir() else args.data
     name = args.name or f"{dataset_label}-{args.family}".lower()
     try:
         train_and_publish(args.family, args.data, args.out, name, params,
