@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -118,58 +118,6 @@ def single_process() -> Iterator[None]:
             del os.environ["WORLD_SIZE"]
         else:
             os.environ["WORLD_SIZE"] = saved
-
-
-def train_data_parallel(module: nn.Module, loss_fn: Callable[..., torch.Tensor],
-                        data: torch.Tensor | Sequence[torch.Tensor], *, epochs: int, batch_size: int,
-                        lr: float, seed: int = 0, device: torch.device | str = "auto",
-                        weight_decay: float = 0.0, verbose: bool = False,
-                        desc: str = "train") -> list[dict[str, float]]:
-    """Minibatch Adam on ``module`` — the pytorch/examples loop — data-parallel under torchrun.
-
-    ``data`` is a tensor of rows or a tuple of tensors with the same first axis (rows, labels);
-    each step runs ``loss = loss_fn(model(*batch), *batch)``, where ``model`` is the DDP wrapper
-    (so call it, not its submodules, in the forward: that is what registers the all-reduce).
-
-    Under torchrun, DDP broadcasts rank 0's initial parameters and averages the gradients, so
-    the ranks stay identical. Each epoch every rank takes its shard of one shared permutation
-    (``Distributed.shard``) trimmed to n // world_size rows: all ranks then run the same number
-    of steps, as DDP's all-reduce needs (a rank with one step more would wait forever). The
-    batch size is per process: N processes with batch B train like one with batch N·B.
-
-    Trains ``module`` in place on ``device`` and returns the per-epoch log
-    [{"epoch": e, "loss": mean over the epoch's steps and the ranks}].
-    """
-    if not (isinstance(epochs, int) and epochs >= 1):
-        raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
-    if not (isinstance(batch_size, int) and batch_size >= 1):
-        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    device = pick_device(device) if isinstance(device, str) else device
-    tensors = tuple(t.to(device) for t in ((data,) if isinstance(data, torch.Tensor) else data))
-    n = len(tensors[0])
-    module.to(device)
-    history: list[dict[str, float]] = []
-    with distributed_from_env(device) as dist:
-        rows = n // dist.world_size
-        if rows < 1:
-            raise ValueError(f"{n} rows cannot be shared among {dist.world_size} processes")
-        steps = -(-rows // batch_size)
-        model = dist.wrap(module, device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-        model.train()
-        for epoch in progress(range(epochs), desc, enabled=verbose and dist.is_main):
-            order = torch.as_tensor(dist.shard(n, seed * 100_003 + epoch)[:rows], device=device)
-            total = torch.zeros((), device=device)
-            for start in range(0, rows, batch_size):
-                batch = tuple(t[order[start:start + batch_size]] for t in tensors)
-                loss = loss_fn(model(*batch), *batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.detach()
-            history.append({"epoch": epoch + 1, "loss": dist.mean(float(total) / steps, device)})
-    module.eval()
-    return history
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, enabled: bool = True) -> Iterable[T]:
