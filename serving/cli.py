@@ -79,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument("--model", required=True, help="model name")
     model.add_argument("--version", type=int, default=0, help="model version, default: the loaded one")
     rows = argparse.ArgumentParser(add_help=False)
-    rows.add_argument("--input", required=True, type=Path, help="rows to send: .npy or .csv")
+    rows.add_argument("--input", required=True, type=Path, help="rows to send: .npy, .csv, or a .png image (one row)")
     output = argparse.ArgumentParser(add_help=False)
     output.add_argument("--output", type=Path, help="where to write the result: .npy or .csv")
 
@@ -103,7 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--length", type=int, default=0,
                    help="sequence length for sequence models (default: the model's own)")
     p.set_defaults(func=client_sample)
-    p = commands.add_parser("translate", parents=[conn, model, rows, output], help="map rows to the other domain")
+    p = commands.add_parser("translate", parents=[conn, model, rows, output],
+                            help="map rows to the other domain (--output .png writes the images side by side)")
     p.add_argument("--direction", choices=("a2b", "b2a"), default="a2b", help="default a2b")
     p.set_defaults(func=client_translate)
 
@@ -141,9 +142,48 @@ def read_rows(path: Path) -> np.ndarray:
             return np.load(path, allow_pickle=False)
         if path.suffix == ".csv":
             return np.loadtxt(path, delimiter=",", ndmin=2, dtype=np.float32)
+        if path.suffix == ".png":
+            return read_png(path)[0]
     except ValueError as exc:
         raise UsageError(f"--input {path}: cannot read it: {exc}") from exc
-    raise UsageError(f"--input {path}: expected a .npy or .csv file")
+    raise UsageError(f"--input {path}: expected a .npy, .csv or .png file")
+
+
+def read_png(path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
+    """One image as one row [1, C·H·W] in [0, 1] (channel-major, as genserve's image models take
+    it), and its shape (H, W) or (H, W, 3). Grayscale stays one channel; anything else is RGB."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise UsageError(f"--input {path}: no such file")
+    try:
+        with Image.open(path) as image:
+            rgb = image.mode not in ("1", "L", "LA", "I", "I;16", "F")
+            pixels = np.asarray(image.convert("RGB" if rgb else "L"), dtype=np.float32) / 255.0
+    except OSError as exc:
+        raise UsageError(f"--input {path}: cannot read it as an image: {exc}") from exc
+    return (pixels.transpose(2, 0, 1) if rgb else pixels).reshape(1, -1), pixels.shape
+
+
+def write_png(path: Path, rows: np.ndarray, shape: tuple[int, ...] | None) -> str:
+    """Rows [N, C·H·W] in [0, 1] as one PNG, the N images side by side; ``shape`` as read_png
+    returns it, or None for square images (grayscale, or RGB when D / 3 is a square)."""
+    from math import isqrt
+
+    from PIL import Image
+
+    d = rows.shape[1] if rows.ndim == 2 else 0
+    if shape is None:
+        side, side3 = isqrt(d), isqrt(d // 3)
+        shape = (side, side) if side * side == d else (side3, side3, 3) if 3 * side3 * side3 == d else None
+    if shape is None or d != int(np.prod(shape)):
+        raise UsageError(f"--output {path}: cannot lay out rows of shape {list(rows.shape[1:])} as images; "
+                         "give a .png --input of the same size, or write .npy")
+    h, w, c = shape[0], shape[1], shape[2] if len(shape) == 3 else 1
+    images = np.clip(rows.reshape(len(rows), c, h, w), 0.0, 1.0)
+    strip = np.rint(images.transpose(2, 0, 3, 1).reshape(h, len(rows) * w, c) * 255).astype(np.uint8)
+    Image.fromarray(strip[..., 0] if c == 1 else strip).save(path)
+    return f" -> {path}"
 
 
 def write_array(path: Path | None, array: np.ndarray, header: str = "") -> str:
@@ -166,8 +206,10 @@ def _with_client(action: Callable[[Any, argparse.Namespace], str]) -> Callable[[
     def run(args: argparse.Namespace) -> int:
         from serving.client import ClientError, GenServeClient
 
-        if getattr(args, "output", None) is not None and args.output.suffix not in (".npy", ".csv"):
-            print(f"error: --output {args.output}: expected a .npy or .csv file", file=sys.stderr)
+        allowed = (".npy", ".csv", ".png") if hasattr(args, "direction") else (".npy", ".csv")
+        if getattr(args, "output", None) is not None and args.output.suffix not in allowed:
+            print(f"error: --output {args.output}: expected a {', '.join(allowed[:-1])} or {allowed[-1]} file",
+                  file=sys.stderr)
             return EXIT_USAGE
         try:
             with GenServeClient(args.host, args.port, timeout=args.timeout) as client:
@@ -251,8 +293,10 @@ def client_sample(client: Any, args: argparse.Namespace) -> str:
 
 @_with_client
 def client_translate(client: Any, args: argparse.Namespace) -> str:
-    y = client.translate(args.model, read_rows(args.input), args.direction, args.version)
-    where = write_array(args.output, y)
+    x, shape = read_png(args.input) if args.input.suffix == ".png" else (read_rows(args.input), None)
+    y = client.translate(args.model, x, args.direction, args.version)
+    png = args.output is not None and args.output.suffix == ".png"
+    where = write_png(args.output, y, shape) if png else write_array(args.output, y)
     return f"translated {len(y)} rows {args.direction} with {args.model} to shape {list(y.shape[1:])}{where}"
 
 
