@@ -36,6 +36,7 @@ class MADE(nn.Module):
         super().__init__()
         D, H, K = n_features, width, n_components
         self.n_features, self.width, self.n_components, self.n_masks = D, H, K, n_masks
+        self.n_outputs = D * 3 * K
         self.dropout = dropout
         deg_in, deg_h = make_degrees(D, H, n_masks, seed)
         self.register_buffer("deg_in", deg_in)
