@@ -22,6 +22,8 @@ DEMO_MODELS: dict[str, tuple[str, str, dict]] = {
     "grid25-histogram": ("histogram", "grid25", {"bins": "auto"}),
     "grid25-kde": ("kde", "grid25", {"kernel": "gaussian", "bandwidth": "cv"}),
     "regimes-hmm": ("hmm", "regimes", {"n_states": "auto"}),
+    # class-conditional ("give me sevens"); its score still marginalises over the classes
+    "digits-vae": ("vae", "digits", {"conditional": True, "max_epochs": 100}),
 }
 
 
