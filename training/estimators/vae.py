@@ -59,8 +59,10 @@ def _is_number(value: Any) -> bool:
 
 
 class VariationalAutoencoder(GenerativeEstimator):
-    """Variational autoencoder: Gaussian encoder, mixture-of-Gaussians decoder on a (logit-)
-    transformed axis, ELBO training, importance-weighted log-likelihood.
+    """Variational autoencoder scored by its importance-weighted log-likelihood (ELBO training).
+
+    Gaussian encoder q(z|x), per-feature mixture-of-Gaussians decoder on a (logit-)transformed
+    axis with the exact Jacobian, standard normal prior.
 
     Parameters
     ----------
