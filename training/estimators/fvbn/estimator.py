@@ -50,8 +50,10 @@ def _is_number(value: Any) -> bool:
 
 
 class FVBNDensity(DensityEstimator):
-    """Fully-visible belief net: exact autoregressive log-likelihood (LARC for binary rows,
-    MADE with mixture-of-Gaussian conditionals for continuous rows).
+    """Fully-visible belief net: p(x) = prod_d p(x_d | x_<d), an exact autoregressive likelihood.
+
+    LARC (logistic conditionals) for binary rows; MADE with mixture-of-Gaussian conditionals and
+    an ensemble of orderings for continuous rows.
 
     Parameters
     ----------
@@ -59,7 +61,7 @@ class FVBNDensity(DensityEstimator):
         "larc" for rows of 0/1 values, "made" for continuous rows.
     n_components : int, default 10
         Gaussians per conditional (made).
-    hidden_units : int, default 256
+    hidden_units : int, default 128
         Width of the masked hidden layers (made).
     n_blocks : int, default 2
         Residual masked blocks, two masked layers each (made).
@@ -103,7 +105,7 @@ class FVBNDensity(DensityEstimator):
         "it score -inf. Sampling is sequential: n_masks x D passes of the net per request. For "
         "'larc', any row that is not all 0/1 has probability 0 (log p = -inf).")
 
-    def __init__(self, variant: str = "made", n_components: int = 10, hidden_units: int = 256,
+    def __init__(self, variant: str = "made", n_components: int = 10, hidden_units: int = 128,
                  n_blocks: int = 2, n_masks: int = 8, dropout: float = 0.0, transform: str = "auto",
                  alpha: float = 0.05, learning_rate: float = 1e-3, weight_decay: float = 1e-4,
                  batch_size: int = 64, max_epochs: int = 200, patience: int = 15,
