@@ -10,8 +10,8 @@ own (``run_detector``), so the rows are comparable.
 * genserve fvbn: anomaly score -log p(x). Per-class fits must be cheap, so a small net (``FVBN_D2``):
   64 hidden units, 8 orderings, at most 100 epochs; 20 % of the class's rows held out for early
   stopping (about 25 rows: fewer make the stopping epoch a coin toss).
-* genserve vae (if registered): its registry defaults, anomaly score -score (the served
-  importance-weighted estimate).
+* genserve vae (if registered): its registry defaults except 20 % of the class's rows held out
+  (as for the FVBN), anomaly score -score (the served importance-weighted estimate, K = 64).
 * Threshold: each deep family calibrates on its own held-out validation rows (it cannot afford
   cross-fitting): ``calibration_scores`` -> the 1 % quantile, applied to the test rows of class c.
   With ~25 held-out rows the 99 % quantile is close to their maximum, so the false-positive rate
@@ -41,7 +41,8 @@ FVBN_D2 = {"hidden_units": 64, "n_masks": 8, "n_components": 10, "max_epochs": 1
            "validation_fraction": 0.2}
 DEEP: dict[str, tuple[str, dict[str, Any], str]] = {
     "fvbn": ("fvbn", FVBN_D2, "MADE-MoG, 8 orderings, 64 hidden units; threshold from ~25 held-out rows"),
-    "vae": ("vae", {}, "registry defaults; score = importance-weighted log p estimate"),
+    "vae": ("vae", {"validation_fraction": 0.2}, "registry defaults but 20 % held out (~25 rows) for early "
+            "stopping and the threshold; score = -(importance-weighted log p estimate, K=64, seed 0)"),
 }
 
 
