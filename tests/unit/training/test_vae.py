@@ -5,11 +5,13 @@ marginalisation, ONNX parity of every graph, reproducible sampling and a trainin
 from __future__ import annotations
 
 import math
+import socket
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import torch.multiprocessing as torch_mp
 from scipy import stats
 from scipy.special import logsumexp
 
@@ -21,6 +23,7 @@ from training.estimators.vae_losses import (gaussian_kl, log_mean_exp, mixture_l
                                             reparameterise, standard_normal_log_prob)
 from training.estimators.vae_networks import DataTransform, Decoder, Encoder
 from training.export import export_onnx
+from vae_ddp_worker import train_rank
 
 TINY = dict(latent_dim=4, hidden_units=32, hidden_layers=1, components=2, max_epochs=3, batch_size=64,
             importance_samples=8, verbose=False)
@@ -279,3 +282,16 @@ def test_auto_likelihood_follows_the_data_range():
     est = VariationalAutoencoder(**{**TINY, "max_epochs": 1}).fit(rows)
     assert est.likelihood_ == "gaussian" and est.fitted_params()["likelihood"] == "gaussian"
     assert np.all(np.isfinite(est.score_samples(rows * 100)))
+
+
+# ---- data-parallel training ----------------------------------------------------------------
+
+def test_two_gloo_processes_train_identical_weights(tmp_path):
+    """Both ranks start from the same seed but see different shards: only DDP's gradient
+    averaging keeps their weights identical after training."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch_mp.spawn(train_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    first, second = ((tmp_path / f"rank{r}").read_text().split() for r in (0, 1))
+    assert first == second and first[1] == "3"
