@@ -304,6 +304,14 @@ class VariationalAutoencoder(GenerativeEstimator):
             raise ValueError(f"label: expected classes in [0, {self.num_classes - 1}], got {label!r}")
         return torch.as_tensor(labels)
 
+    def _labels_for(self, y: Any, n: int, what: str) -> list[torch.Tensor]:
+        """[label tensor] for a conditional model (labels required), [] otherwise."""
+        if not self.num_classes:
+            return []
+        if y is None:
+            raise ValueError(f"y: this VAE is conditional, {what} needs the class label of every row")
+        return [self._label_tensor(np.asarray(y), n)]
+
     def score_noise_spec(self) -> TensorSpec:
         return TensorSpec(name="eps", shape=[-1, int(self.importance_samples), int(self.latent_dim)],
                           noise="normal", axes={1: "importance_samples"})
@@ -331,7 +339,8 @@ class VariationalAutoencoder(GenerativeEstimator):
         """Per-row ELBO (one reparameterised sample, closed-form KL): a bound on log p(x), or on
         log p(x | y) for a conditional model (labels ``y`` required)."""
         x = self._rows(X)
-        onehot = self.core_.onehot(self._label_tensor(np.asarray(y), len(x))) if self.num_classes else None
+        labels = self._labels_for(y, len(x), "the ELBO (a bound on log p(x | y))")
+        onehot = self.core_.onehot(labels[0]) if labels else None
         eps = torch.randn(len(x), int(self.latent_dim), generator=torch.Generator().manual_seed(seed))
         return self.core_.training_objective(x, eps, onehot).double().numpy()
 
@@ -367,15 +376,14 @@ class VariationalAutoencoder(GenerativeEstimator):
     def encode(self, X: Any, y: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """(mean, log_var) [N, L] of q(z | x[, y])."""
         x = self._rows(X)
-        label = [self._label_tensor(np.asarray(y), len(x))] if self.num_classes else []
-        mean, log_var = EncodeGraph(self.core_)(x, *label)
+        mean, log_var = EncodeGraph(self.core_)(x, *self._labels_for(y, len(x), "encode"))
         return mean.numpy(), log_var.numpy()
 
     @torch.no_grad()
     def reconstruct(self, X: Any, y: Any = None) -> np.ndarray:
+        """E[x' | z = mean of q(z | x[, y])] [N, D]: the deterministic reconstruction."""
         x = self._rows(X)
-        label = [self._label_tensor(np.asarray(y), len(x))] if self.num_classes else []
-        return ReconstructGraph(self.core_)(x, *label).numpy()
+        return ReconstructGraph(self.core_)(x, *self._labels_for(y, len(x), "reconstruct")).numpy()
 
     # ---- pipeline hooks --------------------------------------------------------------------
     def evaluate(self, data: Any) -> dict[str, float]:

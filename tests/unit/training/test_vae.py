@@ -231,7 +231,7 @@ def test_onnx_parity_of_every_graph_at_other_batch_and_importance_sizes(which, r
     np.testing.assert_allclose(est.score_samples(x, importance_samples=33, seed=9), graph_out.numpy(), rtol=1e-6)
 
 
-def test_conditional_sampling_takes_a_label(tiny_conv_conditional):
+def test_conditional_sampling_takes_a_label(tiny_conv_conditional, digits):
     est = tiny_conv_conditional
     assert est.num_classes == 10
     graph = {g.name: g for g in est.export_graphs()}["sample"]
@@ -241,6 +241,9 @@ def test_conditional_sampling_takes_a_label(tiny_conv_conditional):
     assert sevens.shape == (6, 64) and not torch.equal(sevens, threes)
     with pytest.raises(ValueError, match="label"):
         est.sample(2, label=10)
+    with pytest.raises(ValueError, match="y: this VAE is conditional"):
+        est.encode(digits.X_test[:2])
+    assert est.reconstruct(digits.X_test[:2], digits.y_test[:2]).shape == (2, 64)
 
 
 def test_encode_and_reconstruct_shapes(tiny_mlp, digits):
