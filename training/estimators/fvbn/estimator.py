@@ -188,8 +188,13 @@ class FVBNDensity(DensityEstimator):
         return np.sort(order[n_val:]), np.sort(order[:n_val])
 
     def _fit(self, x: torch.Tensor) -> nn.Module:
-        torch.manual_seed(self.random_state)
+        """Seeded (initial weights, dropout) without touching the caller's global random state."""
         device = pick_device(self.device)
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(self.random_state)
+            return self._fit_seeded(x, device)
+
+    def _fit_seeded(self, x: torch.Tensor, device: torch.device) -> nn.Module:
         fit_rows, val_rows = self._split(x.shape[0])
         self.validation_indices_ = val_rows
         self.n_train_ = x.shape[0]
