@@ -35,7 +35,9 @@ def _perturbed(module: torch.nn.Module, scale: float = 0.3, seed: int = 0) -> to
 
 def _random_made(D: int, M: int = 3, K: int = 3, H: int = 12, blocks: int = 2, seed: int = 0,
                  scale: float = 0.3) -> MADE:
-    return _perturbed(MADE(D, H, blocks, K, M, seed=seed), scale, seed=seed).double()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the initial weights: whatever ran before, the same net
+        return _perturbed(MADE(D, H, blocks, K, M, seed=seed), scale, seed=seed).double()
 
 
 def _logit_transform(D: int) -> DataTransform:
