@@ -1,8 +1,8 @@
 """translations.png: what a CycleGAN does to held-out rows, at a glance.
 
 Images: six rows of the same test columns — A, G(A), F(G(A)), then B, F(B), G(F(B)) — so one
-sees the translation and whether the cycle brings it back (drawn as one mosaic image). Plain rows: the first two features
-of A, G(A), B and F(B) as scatter plots.
+sees the translation and whether the cycle brings it back (drawn as one mosaic image). Plain
+rows: the first two features of A, G(A), B and F(B) as scatter plots.
 """
 
 from __future__ import annotations
