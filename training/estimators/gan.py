@@ -47,8 +47,9 @@ from training.neural import distributed_from_env, pick_device, unwrap
 ARCHITECTURES = ("mlp", "conv")
 LOSSES = ("nonsaturating", "wgan-gp")
 SMOOTHED_REAL_TARGET = 0.9
-REFERENCE_PACKS = 64  # real packs standing in for "the batch" when minibatch discrimination scores rows
+REFERENCE_PACKS = 32  # real packs standing in for "the batch" when minibatch discrimination scores rows
 COMPANION_SETS = 4  # sets of real companion rows a packed discriminator scores a row with
+SCORE_CHUNK = 512  # rows per discriminator pass when the estimator scores many rows
 
 
 def _check(condition: bool, message: str) -> None:
@@ -155,19 +156,24 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         "treat flags as a screening signal, not as probabilities. Samples may miss modes of the data "
         "(mode collapse) without any figure of the fit saying so: check the sample picture.")
 
-    def __init__(self, architecture: str = "mlp", loss: str = "nonsaturating", latent_dim: int = 8,
-                 hidden: int = 256, layers: int = 3, channels: int = 32, pack: int = 1,
+    def __init__(self, architecture: str = "mlp", loss: str = "nonsaturating", latent_dim: int | str = "auto",
+                 hidden: int = 256, layers: int = 3, channels: int = 32, generator_activation: str = "tanh",
+                 fourier_features: int | str = "auto", fourier_anneal: float = 0.75, pack: int = 4,
                  label_smoothing: bool = False, feature_matching: bool = False,
-                 minibatch_discrimination: bool = False, gp_weight: float = 10.0, r1_weight: float = 0.0,
-                 steps: int = 2000, batch_size: int = 256, d_steps: int | None = None,
-                 learning_rate: float = 1e-3, conditional: bool = False, calibration_fraction: float = 0.1,
-                 device: str = "auto", random_state: int = 0, verbose: bool = True):
+                 minibatch_discrimination: bool = False, gp_weight: float = 10.0, r1_weight: float = 0.0125,
+                 steps: int = 3000, batch_size: int = 256, d_steps: int | None = None,
+                 learning_rate: float = 1e-3, generator_ema: float = 0.0, conditional: bool = False,
+                 calibration_fraction: float = 0.1, device: str = "auto", random_state: int = 0,
+                 verbose: bool = True):
         self.architecture = architecture
         self.loss = loss
         self.latent_dim = latent_dim
         self.hidden = hidden
         self.layers = layers
         self.channels = channels
+        self.generator_activation = generator_activation
+        self.fourier_features = fourier_features
+        self.fourier_anneal = fourier_anneal
         self.pack = pack
         self.label_smoothing = label_smoothing
         self.feature_matching = feature_matching
@@ -178,6 +184,7 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         self.batch_size = batch_size
         self.d_steps = d_steps
         self.learning_rate = learning_rate
+        self.generator_ema = generator_ema
         self.conditional = conditional
         self.calibration_fraction = calibration_fraction
         self.device = device
@@ -186,16 +193,29 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         self.image_shape: tuple[int, int] | None = None
 
     # ---- parameters ---------------------------------------------------------------------------
-    _PARAMS = ("architecture", "loss", "latent_dim", "hidden", "layers", "channels", "pack", "label_smoothing",
-               "feature_matching", "minibatch_discrimination", "gp_weight", "r1_weight", "steps", "batch_size",
-               "d_steps", "learning_rate", "conditional", "calibration_fraction", "device", "random_state",
+    _PARAMS = ("architecture", "loss", "latent_dim", "hidden", "layers", "channels", "generator_activation",
+               "fourier_features", "fourier_anneal", "pack", "label_smoothing", "feature_matching",
+               "minibatch_discrimination", "gp_weight", "r1_weight", "steps", "batch_size", "d_steps",
+               "learning_rate", "generator_ema", "conditional", "calibration_fraction", "device", "random_state",
                "verbose")
 
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._PARAMS}
 
     def fitted_params(self) -> dict[str, Any]:
-        return {**self.get_params(), "d_steps": self._d_steps()}
+        chosen = {**self.get_params(), "d_steps": self._d_steps()}
+        if hasattr(self, "latent_dim_"):
+            chosen.update(latent_dim=self.latent_dim_, fourier_features=self.fourier_features_)
+        return chosen
+
+    def _resolve(self, d: int) -> None:
+        """"auto": z has the data's dimension (at least 2, at most 32); Fourier features (128
+        frequencies) for MLPs on low-dimensional rows (d <= 3), where fine detail is hard to learn."""
+        self.latent_dim_ = min(max(d, 2), 32) if self.latent_dim == "auto" else self.latent_dim
+        if self.fourier_features == "auto":
+            self.fourier_features_ = 128 if self.architecture == "mlp" and d <= 3 else 0
+        else:
+            self.fourier_features_ = self.fourier_features
 
     def _d_steps(self) -> int:
         """WGAN-GP's critic takes 5 steps per generator step (Gulrajani et al.); the BCE game takes 1."""
@@ -209,8 +229,21 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         _check(self.loss in LOSSES, f"loss: expected one of {list(LOSSES)}, got {self.loss!r}")
         for name in ("latent_dim", "hidden", "layers", "channels", "pack", "steps", "batch_size"):
             value = getattr(self, name)
+            if name == "latent_dim" and value == "auto":
+                continue
             _check(isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1,
                    f"{name}: expected a positive integer, got {value!r}")
+        _check(self.generator_activation in nets.GENERATOR_ACTIVATIONS,
+               f"generator_activation: expected one of {list(nets.GENERATOR_ACTIVATIONS)}, "
+               f"got {self.generator_activation!r}")
+        _check(self.fourier_features == "auto" or (isinstance(self.fourier_features, (int, np.integer))
+                                                   and not isinstance(self.fourier_features, bool)
+                                                   and self.fourier_features >= 0),
+               f"fourier_features: expected 'auto' or an integer >= 0 (0 = off), got {self.fourier_features!r}")
+        _check(self.fourier_features in ("auto", 0) or self.architecture == "mlp",
+               "fourier_features: only with architecture='mlp' (they encode low-dimensional coordinates)")
+        _check(isinstance(self.fourier_anneal, (int, float)) and 0 <= self.fourier_anneal <= 1,
+               f"fourier_anneal: expected a share of the steps in [0, 1], got {self.fourier_anneal!r}")
         _check(self.d_steps is None or (isinstance(self.d_steps, int) and self.d_steps >= 1),
                f"d_steps: expected a positive integer or None (1, or 5 for wgan-gp), got {self.d_steps!r}")
         _check(self.batch_size % self.pack == 0,
@@ -226,6 +259,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
                    f"{name}: expected a finite number >= 0, got {value!r}")
         _check(isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1,
                f"learning_rate: expected a number in (0, 1), got {self.learning_rate!r}")
+        _check(isinstance(self.generator_ema, (int, float)) and 0 <= self.generator_ema < 1,
+               f"generator_ema: expected a decay in [0, 1) (0 = off), got {self.generator_ema!r}")
         _check(isinstance(self.calibration_fraction, (int, float)) and 0 <= self.calibration_fraction < 0.5,
                f"calibration_fraction: expected a share in [0, 0.5), got {self.calibration_fraction!r}")
         pick_device(self.device)
@@ -262,10 +297,11 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
 
     def _networks(self, d: int, row_shape: tuple[int, ...], k: int) -> tuple[nn.Module, nets.Discriminator]:
         if self.architecture == "mlp":
-            return (nets.MLPGenerator(self.latent_dim, d, self.hidden, self.layers, k),
-                    nets.mlp_discriminator(d, self.hidden, self.layers, k, self.pack, self.minibatch_discrimination))
+            return (nets.MLPGenerator(self.latent_dim_, d, self.hidden, self.layers, k, self.generator_activation),
+                    nets.mlp_discriminator(d, self.hidden, self.layers, k, self.pack, self.minibatch_discrimination,
+                                           self.fourier_features_, seed=self.random_state))
         image = tuple(row_shape[1:])
-        return (nets.ConvGenerator(self.latent_dim, image, self.channels, k),
+        return (nets.ConvGenerator(self.latent_dim_, image, self.channels, k),
                 nets.conv_discriminator(image, self.channels, k, self.pack, self.minibatch_discrimination))
 
     def _normaliser(self, x: torch.Tensor, row_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,6 +322,7 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         n, d = x.shape
         labels = self._labels(y, n)
         row_shape = self._row_shape(d)
+        self._resolve(d)
         self.n_features_in_ = d
         self.num_classes = int(labels.max()) + 1 if labels is not None else None
         k = self.num_classes or 0
@@ -308,21 +345,25 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
                              real_target=SMOOTHED_REAL_TARGET if self.label_smoothing else 1.0,
                              feature_matching=self.feature_matching,
                              gp_weight=self.gp_weight if self.loss == "wgan-gp" else 0.0,
-                             r1_weight=self.r1_weight, latent_dim=self.latent_dim, num_classes=k,
-                             betas=(0.5, 0.9) if self.loss == "wgan-gp" else (0.5, 0.999))
+                             r1_weight=self.r1_weight, latent_dim=self.latent_dim_, num_classes=k,
+                             betas=(0.5, 0.9) if self.loss == "wgan-gp" else (0.5, 0.999),
+                             fourier_anneal=self.fourier_anneal if self.fourier_features_ else 0.0,
+                             ema=float(self.generator_ema))
         with distributed_from_env(device) as dist:
             g = dist.wrap(generator.to(device).train(), device)
             dsc = dist.wrap(discriminator.to(device).train(), device)
-            self.history_ = train_gan(g, dsc, train_x.to(device), None if train_y is None else train_y.to(device),
-                                      config, dist, self.random_state, self.verbose)
-        generator, discriminator = unwrap(g).cpu().eval(), unwrap(dsc).cpu().eval()
+            self.history_, average = train_gan(g, dsc, train_x.to(device),
+                                               None if train_y is None else train_y.to(device),
+                                               config, dist, self.random_state, self.verbose)
+        generator = (average if average is not None else unwrap(g)).cpu().eval()
+        discriminator = unwrap(dsc).cpu().eval()
 
         # Fixed real rows for scoring single rows (companions of packs, minibatch references).
         picked = np.random.default_rng(self.random_state + 1).permutation(len(fit_rows))
         picked = picked[: max(REFERENCE_PACKS, COMPANION_SETS) * self.pack]
         reference = train_x[picked]
         reference_labels = train_y[picked] if train_y is not None else None
-        self.core_ = GANCore(generator, discriminator, shift, scale, row_shape, self.latent_dim, k,
+        self.core_ = GANCore(generator, discriminator, shift, scale, row_shape, self.latent_dim_, k,
                              reference, reference_labels).eval()
         for p in self.core_.parameters():
             p.requires_grad_(False)
@@ -361,7 +402,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         x = as_float64(X)
         _check(x.shape[1] == self.n_features_in_,
                f"X has {x.shape[1]} features, the model was fitted on {self.n_features_in_}")
-        return self.core_.anomaly(x.float()).double().numpy()
+        # In chunks: minibatch discrimination compares every row with every reference pack.
+        return torch.cat([self.core_.anomaly(chunk) for chunk in x.float().split(SCORE_CHUNK)]).double().numpy()
 
     def export_graphs(self) -> list[ExportGraph]:
         self._check_fitted()

@@ -71,17 +71,18 @@ def interpolates(real: torch.Tensor, fake: torch.Tensor, t: torch.Tensor) -> tor
 
 def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, t: torch.Tensor,
                      *extra: torch.Tensor) -> torch.Tensor:
-    """E (||grad_x l(x_hat)||_2 - 1)^2 at ``interpolates(real, fake, t)``; differentiable (double backward).
+    """E (||grad l(x_hat)||_2 - 1)^2 at ``interpolates(real, fake, t)``; differentiable (double backward).
 
     ``extra`` are further critic inputs held fixed (a conditional critic's labels).
     """
     x_hat = interpolates(real, fake.detach(), t).requires_grad_(True)
     scores = critic(x_hat, *extra)
     (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
-    return (grad.flatten(1).norm(dim=1) - 1.0).pow(2).mean()
+    # One norm per critic input: a packed critic's input is its pack of rows together.
+    return (grad.reshape(len(scores), -1).norm(dim=1) - 1.0).pow(2).mean()
 
 
 def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """1/2 E ||grad_x l(x)||^2 at the real rows (``real`` must require grad before l was computed)."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
-    return 0.5 * grad.flatten(1).pow(2).sum(dim=1).mean()
+    return 0.5 * grad.reshape(len(real_logits), -1).pow(2).sum(dim=1).mean()

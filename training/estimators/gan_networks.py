@@ -20,6 +20,19 @@ of fakes is easy to tell from a varied batch of data. The paper sums over all j;
 the others (the self term is the constant 1, and the sum grows with the batch size), so that the
 feature has the same scale in training batches and against the fixed reference rows that
 replace the batch when a single row is scored (``forward(..., reference=...)``).
+
+Fourier features, coarse to fine (for low-dimensional rows). An MLP on raw coordinates learns
+fine detail slowly (its "spectral bias", Rahaman et al. 2019; Tancik et al. 2020): to put a
+bump of width 0.05 on each of 25 grid modes its first-layer weights must grow to ~1/0.05, which
+Adam's steps of ~learning-rate take thousands of iterations to do. Feeding it
+[x, sin(x b_k), cos(x b_k)] for fixed random frequencies b_k (random directions, magnitudes
+log-uniform over [FOURIER_LOW, FOURIER_HIGH] per standard deviation) lets it resolve that
+scale at once. But a discriminator that is sharp from the start leaves no gradient between the
+modes, and the generator collapses onto the few modes it starts near; so the frequencies are
+switched on from low to high as training proceeds (``level`` goes 0 -> 1; frequency |b| is on
+with weight clamp((1.05 level B - |b|) / (0.1 B), 0, 1), B = FOURIER_HIGH), as in the
+coarse-to-fine encodings of Park et al. 2021 / Lin et al. 2021 (BARF): coarse structure first
+(the generator spreads over every mode), then sharpness (each sample settles on its mode).
 """
 
 from __future__ import annotations
@@ -28,6 +41,32 @@ import math
 
 import torch
 from torch import nn
+
+
+FOURIER_LOW, FOURIER_HIGH = 1.0, 30.0
+
+
+class FourierFeatures(nn.Module):
+    """x [N, d] -> [x, w * sin(x B), w * cos(x B)] [N, d + 2F], w the coarse-to-fine weights (see above)."""
+
+    def __init__(self, n_features: int, n_frequencies: int, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        directions = torch.randn(n_features, n_frequencies, generator=generator)
+        magnitudes = torch.empty(n_frequencies).uniform_(math.log(FOURIER_LOW), math.log(FOURIER_HIGH),
+                                                         generator=generator).exp()
+        self.register_buffer("B", directions / directions.norm(dim=0, keepdim=True) * magnitudes)
+        self.register_buffer("level", torch.ones(()))  # 1 = every frequency on (what is exported)
+        self.out_features = n_features + 2 * n_frequencies
+
+    def weights(self) -> torch.Tensor:
+        magnitude = self.B.norm(dim=0)
+        return ((1.05 * self.level * FOURIER_HIGH - magnitude) / (0.1 * FOURIER_HIGH)).clamp(0.0, 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        projected = x @ self.B
+        w = self.weights()
+        return torch.cat([x, w * torch.sin(projected), w * torch.cos(projected)], dim=1)
 
 
 def pack_rows(x: torch.Tensor, pack: int) -> torch.Tensor:
@@ -76,15 +115,23 @@ class MinibatchDiscrimination(nn.Module):
 class Discriminator(nn.Module):
     """label-append -> pack -> body (features) -> [minibatch discrimination] -> linear head -> logit."""
 
-    def __init__(self, body: nn.Module, features: int, pack: int, minibatch: bool):
+    def __init__(self, body: nn.Module, features: int, pack: int, minibatch: bool,
+                 embed: nn.Module | None = None):
         super().__init__()
-        self.body, self.pack = body, pack
+        self.body, self.pack, self.embed = body, pack, embed
         self.minibatch = MinibatchDiscrimination(features) if minibatch else None
         self.head = nn.Linear(features + (self.minibatch.out_extra if minibatch else 0), 1)
 
     def features(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
         """The intermediate layer f used by feature matching and minibatch discrimination: [B / pack, A]."""
+        if self.embed is not None:
+            x = self.embed(x)
         return self.body(pack_rows(with_label(x, onehot), self.pack))
+
+    def set_progress(self, fraction: float) -> None:
+        """Training progress in [0, 1] (coarse-to-fine Fourier features follow it)."""
+        if isinstance(self.embed, FourierFeatures):
+            self.embed.level.fill_(fraction)
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None,
                 reference: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,22 +160,34 @@ class _LeakyReLU(nn.LeakyReLU):
         super().__init__(0.2)
 
 
-class MLPGenerator(nn.Module):
-    """[z, onehot] -> ReLU hidden layers -> linear rows [N, d]."""
+GENERATOR_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
-    def __init__(self, latent_dim: int, n_features: int, hidden: int, layers: int, num_classes: int = 0):
+
+class MLPGenerator(nn.Module):
+    """[z, onehot] -> ReLU or tanh hidden layers -> linear rows [N, d].
+
+    tanh suits multi-modal data: saturated units map whole regions of z to (nearly) one point,
+    so tight, separate clusters need no large weights, where a ReLU net must build each sharp
+    transition out of large slopes.
+    """
+
+    def __init__(self, latent_dim: int, n_features: int, hidden: int, layers: int, num_classes: int = 0,
+                 activation: str = "relu"):
         super().__init__()
-        self.net = _mlp([latent_dim + num_classes, *[hidden] * layers, n_features], nn.ReLU, final_activation=False)
+        self.net = _mlp([latent_dim + num_classes, *[hidden] * layers, n_features], GENERATOR_ACTIVATIONS[activation],
+                        final_activation=False)
 
     def forward(self, z: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(z if onehot is None else torch.cat([z, onehot.to(z.dtype)], dim=1))
 
 
 def mlp_discriminator(n_features: int, hidden: int, layers: int, num_classes: int = 0, pack: int = 1,
-                      minibatch: bool = False) -> Discriminator:
-    """pack * (d + K) inputs -> LeakyReLU(0.2) hidden layers (the features) -> logit."""
-    body = _mlp([pack * (n_features + num_classes), *[hidden] * layers], _LeakyReLU, final_activation=True)
-    return Discriminator(body, hidden, pack, minibatch)
+                      minibatch: bool = False, fourier_features: int = 0, seed: int = 0) -> Discriminator:
+    """[Fourier features] -> pack * (d' + K) inputs -> LeakyReLU(0.2) hidden layers (the features) -> logit."""
+    embed = FourierFeatures(n_features, fourier_features, seed) if fourier_features else None
+    width = embed.out_features if embed is not None else n_features
+    body = _mlp([pack * (width + num_classes), *[hidden] * layers], _LeakyReLU, final_activation=True)
+    return Discriminator(body, hidden, pack, minibatch, embed)
 
 
 # ---- images: DCGAN-style convolutions ------------------------------------------------------------

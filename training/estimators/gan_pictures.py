@@ -27,9 +27,9 @@ def _labels(estimator: Any, n: int) -> np.ndarray | None:
 def _scatter_2d(estimator: Any, data: Any):
     lo = data.X_train.min(axis=0) - 1.0
     hi = data.X_train.max(axis=0) + 1.0
-    xs, ys = np.linspace(lo[0], hi[0], 150), np.linspace(lo[1], hi[1], 150)
+    xs, ys = np.linspace(lo[0], hi[0], 100), np.linspace(lo[1], hi[1], 100)
     grid = np.stack(np.meshgrid(xs, ys), axis=-1).reshape(-1, 2)
-    score = estimator.anomaly_score(grid).reshape(150, 150)
+    score = estimator.anomaly_score(grid).reshape(100, 100)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
     image = axes[0].imshow(score, origin="lower", extent=(lo[0], hi[0], lo[1], hi[1]), cmap="magma_r", aspect="auto")
     fig.colorbar(image, ax=axes[0], label="anomaly score -logit D(x)")

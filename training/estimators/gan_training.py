@@ -12,11 +12,14 @@ Batches are drawn from an endless stream of epochs, each a permutation sharded o
 ranks (``Distributed.shard``), so every rank sees its own rows and DDP averages the gradients.
 Adam with beta1 = 0.5 (DCGAN's choice: momentum that lags behind a moving adversary makes the
 game oscillate), and the learning rate decays linearly to 0 over the run, which lets the
-generator settle onto the modes instead of circling them at the end.
+generator settle onto the modes instead of circling them at the end. Optionally the served
+generator is the exponential moving average of the generator's weights over the run (Yazici et
+al. 2019): the players' oscillations around the equilibrium average out.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -42,6 +45,10 @@ class TrainConfig:
     latent_dim: int
     num_classes: int  # 0 when unconditional
     betas: tuple[float, float] = (0.5, 0.999)
+    # Share of the steps over which coarse-to-fine Fourier features switch on (gan_networks).
+    fourier_anneal: float = 0.0
+    # Decay of the exponential moving average of the generator's weights (0 = off).
+    ema: float = 0.0
     log_points: int = 100
 
 
@@ -58,8 +65,11 @@ def index_stream(n: int, batch: int, dist: Distributed, seed: int) -> Iterator[n
 
 
 def train_gan(generator: nn.Module, discriminator: nn.Module, x: torch.Tensor, y: torch.Tensor | None,
-              config: TrainConfig, dist: Distributed, seed: int, verbose: bool) -> list[dict[str, float]]:
-    """Train in place (modules already on x's device and DDP-wrapped if distributed); return the log.
+              config: TrainConfig, dist: Distributed, seed: int,
+              verbose: bool) -> tuple[list[dict[str, float]], nn.Module | None]:
+    """Train in place (modules already on x's device and DDP-wrapped if distributed).
+
+    Returns the log and, with ``config.ema``, the moving average of the generator (else None).
 
     ``x`` holds the normalised training rows [n, C, ...]; ``y`` int64 labels [n] or None.
     """
@@ -83,7 +93,10 @@ def train_gan(generator: nn.Module, discriminator: nn.Module, x: torch.Tensor, y
         z = torch.randn(config.batch_size, config.latent_dim, generator=rng, device=device)
         return generator(z, onehot)
 
+    core = unwrap(discriminator)
+    average = copy.deepcopy(unwrap(generator)).requires_grad_(False) if config.ema else None
     for step in progress(range(config.steps), "gan", enabled=verbose and dist.is_main):
+        core.set_progress(min(1.0, step / (config.fourier_anneal * config.steps)) if config.fourier_anneal else 1.0)
         for _ in range(config.d_steps):
             real, onehot = real_batch()
             if config.r1_weight:
@@ -105,7 +118,7 @@ def train_gan(generator: nn.Module, discriminator: nn.Module, x: torch.Tensor, y
 
         # The generator's step sees the discriminator unwrapped: only G's gradients are wanted (and
         # averaged by G's DDP wrapper); D's are discarded before its next step.
-        critic = unwrap(discriminator)
+        critic = core
         real, onehot = real_batch()
         fake = fakes(onehot)
         if config.feature_matching:
@@ -118,6 +131,12 @@ def train_gan(generator: nn.Module, discriminator: nn.Module, x: torch.Tensor, y
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
+        if average is not None:
+            with torch.no_grad():
+                for mean, current in zip(average.parameters(), unwrap(generator).parameters()):
+                    mean.lerp_(current, 1.0 - config.ema)
+                for mean, current in zip(average.buffers(), unwrap(generator).buffers()):
+                    mean.copy_(current)
         for scheduler in decay:
             scheduler.step()
 
@@ -129,4 +148,5 @@ def train_gan(generator: nn.Module, discriminator: nn.Module, x: torch.Tensor, y
             history.append({"step": step + 1,
                             **{k: dist.mean(v / count, device) for k, v in sums.items()}})
             sums = {}
-    return history
+    core.set_progress(1.0)
+    return history, average
