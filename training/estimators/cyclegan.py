@@ -36,8 +36,8 @@ from serving.repository.manifest import TensorSpec
 from training.estimators.base import ExportGraph, GenerativeEstimator, as_float64
 from training.estimators.cyclegan_nets import (NORMS, ConvDiscriminator, ConvGenerator, Discriminators, Generators,
                                                MLPDiscriminator, MLPGenerator)
-from training.estimators.cyclegan_training import TrainConfig, capped_threads, train
-from training.neural import distributed_from_env, pick_device
+from training.estimators.cyclegan_training import TrainConfig, train
+from training.neural import capped_threads, distributed_from_env, pick_device
 
 ARCHITECTURES = ("auto", "conv", "mlp")
 DISCRIMINATORS = ("global", "patch")
@@ -212,7 +212,7 @@ class CycleGAN(GenerativeEstimator):
                              self.beta2, self.lambda_cycle, self.lambda_identity, self.pool_size)
         device = pick_device(self.device)
         channels = self.width if self.architecture_ == "conv" else self.hidden
-        with capped_threads(self.batch_size * features * channels, device), distributed_from_env(device) as dist:
+        with capped_threads(self.batch_size * features * channels, device, per_thread=1 << 21), distributed_from_env(device) as dist:
             self.history_ = train(Generators(G, F), Discriminators(D_A, D_B), a, b, config, dist, device,
                                   self.random_state, self.verbose)
         self.G_, self.F_ = G.cpu().eval(), F.cpu().eval()

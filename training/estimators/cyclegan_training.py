@@ -18,10 +18,7 @@ epoch's permutation of each domain, and all ranks take the same number of steps.
 from __future__ import annotations
 
 import math
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -32,10 +29,6 @@ from training.estimators.cyclegan_nets import Discriminators, Generators, ImageP
 from training.neural import Distributed, progress, seeded_generator, unwrap
 
 LOGGED = ("loss_g", "adversarial", "cycle", "identity", "loss_d")
-# Activations (rows x features x channels) per step that pay for one more CPU thread.
-_ACTIVATIONS_PER_THREAD = 1 << 21
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int
@@ -52,31 +45,6 @@ class TrainConfig:
         """1 for the first ``epochs - decay_epochs`` epochs, then linearly down towards 0."""
         constant = self.epochs - self.decay_epochs
         return 1.0 if epoch < constant else 1.0 - (epoch - constant + 1) / (self.decay_epochs + 1)
-
-
-@contextmanager
-def capped_threads(activations: int, device: torch.device) -> Iterator[None]:
-    """Train on as many torch CPU threads as one step's size pays for, then restore the setting.
-
-    A step on 8x8 digits is a few dozen tiny operations, each an OpenMP region whose threads meet
-    at a barrier; on a shared machine one descheduled thread stalls them all. Measured on 2 busy
-    cores: the demo recipe took 43 CPU-s on 1 thread and 377 CPU-s (12 min wall) on 2. So steps
-    under ``_ACTIVATIONS_PER_THREAD`` activations per thread run single-threaded; larger images
-    get more threads, never more than the CPUs this process may use. GPUs are untouched.
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(before, available, activations // _ACTIVATIONS_PER_THREAD)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _epoch_rows(n: int, rows: int, dist: Distributed, seed: int) -> torch.Tensor:

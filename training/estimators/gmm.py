@@ -54,12 +54,10 @@ rows and scored on the held-out 20% (``selection="validation"``), or scored by B
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +65,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from serving.repository.manifest import TensorSpec
+from training.neural import capped_threads
 from training.estimators.base import DensityEstimator
 
 COVARIANCE_TYPES = ("full", "diag")
@@ -76,7 +75,6 @@ VALIDATION_FRACTION = 0.2
 LLOYD_ITERATIONS = 10
 # A component with fewer rows' worth of responsibility than this has collapsed (see _m_step).
 MIN_COMPONENT_ROWS = 1.0
-_ELEMENTS_PER_THREAD = 1 << 20  # data elements (rows x features) that justify one more thread
 _TINY = 1e-300  # floor for N_k in divisions and for a frozen component's weight (log = -690.8)
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -361,30 +359,6 @@ def _em(x: torch.Tensor, K: int, covariance_type: str, reg_covar: float, tol: fl
     return _EMResult(core, weights, means, covs, lower_bounds, converged, len(lower_bounds), reseeds)
 
 
-@contextlib.contextmanager
-def _capped_threads(n_elements: int) -> Iterator[None]:
-    """Run the fit on as many torch threads as its size pays for, never more than the CPUs this
-    process may use, and restore the setting afterwards.
-
-    EM on data the size of digits (1257 x 64) is thousands of small tensor operations. Each is
-    an OpenMP parallel region whose threads meet at a barrier, so when the CPUs are shared
-    (CI, a server, other fits) one descheduled thread stalls every operation: measured on 2
-    cores under load, the digits "auto" fit took 70-108 s on 2 threads against 5-6 s on 1. On
-    an idle machine 2 threads gained well under 2x. So data under _ELEMENTS_PER_THREAD
-    elements per thread runs single-threaded; larger data gets more threads.
-    """
-    before = torch.get_num_threads()
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(before, available, n_elements // _ELEMENTS_PER_THREAD)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _n_parameters(K: int, d: int, covariance_type: str) -> int:
     cov = K * d * (d + 1) // 2 if covariance_type == "full" else K * d
     return (K - 1) + K * d + cov
@@ -536,7 +510,7 @@ class GaussianMixtureDensity(DensityEstimator):
 
     def _fit(self, x: torch.Tensor) -> nn.Module:
         n, d = x.shape
-        with _capped_threads(x.numel()), torch.no_grad():
+        with capped_threads(x.numel()), torch.no_grad():
             candidates = self._candidates(n)
             searching = len(candidates) > 1
             fits_needed = (len(candidates) + (self.selection == "validation")) if searching else 1

@@ -25,7 +25,8 @@ import torch
 from serving.repository.manifest import TensorSpec
 from serving.repository.noise import draw_noise
 from training.estimators.base import ExportGraph, GenerativeEstimator, SampleGraph, ScoreGraph
-from training.estimators.gmm import SingularCovarianceError, _capped_threads, _is_int
+from training.estimators.gmm import SingularCovarianceError, _is_int
+from training.neural import capped_threads
 from training.estimators.hmm_core import EMResult, HMMCore, em, posterior
 from training.neural import progress
 
@@ -176,7 +177,7 @@ class GaussianHMM(GenerativeEstimator):
             ks = [int(self.n_states)]
         runs = (len(ks) + 1 if len(ks) > 1 else 1) * self.n_init
         self.selection_scores_: list[dict[str, Any]] = []
-        with _capped_threads(x.numel()), torch.no_grad(), \
+        with capped_threads(x.numel()), torch.no_grad(), \
                 progress(None, "hmm EM", total=runs, enabled=bool(self.verbose)) as bar:
             if len(ks) > 1:
                 ks = [self._select(x, ks, bar)]

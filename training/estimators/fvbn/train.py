@@ -14,46 +14,14 @@ so they all stop at the same epoch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import nn
 
-from training.neural import distributed_from_env, progress, seeded_generator
-
-
-# Elements of one step's widest activation (batch x units) that justify one more CPU thread.
-_ELEMENTS_PER_THREAD = 1 << 20
-
-
-@contextlib.contextmanager
-def capped_threads(step_elements: int, device: torch.device) -> Iterator[None]:
-    """Fewer intra-op threads for small steps on the CPU (restored afterwards).
-
-    Every op of a minibatch step is an OpenMP parallel region whose threads meet at a barrier;
-    the steps here are small (64 rows x 256 units), so a second thread gains little on an idle
-    machine and, on shared CPUs, one descheduled thread stalls every op: measured on the 2-core
-    shared machine, a 2-feature LARC fit took 77 s on 2 threads against about 1 s on 1 (the GMM
-    family found the same for EM).
-    """
-    if device.type != "cpu":
-        yield
-        return
-    before = torch.get_num_threads()
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    torch.set_num_threads(max(1, min(before, available, step_elements // _ELEMENTS_PER_THREAD)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from training.neural import capped_threads, distributed_from_env, progress, seeded_generator
 
 
 @dataclass
