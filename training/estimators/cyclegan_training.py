@@ -29,6 +29,8 @@ from training.estimators.cyclegan_nets import Discriminators, Generators, ImageP
 from training.neural import Distributed, progress, seeded_generator, unwrap
 
 LOGGED = ("loss_g", "adversarial", "cycle", "identity", "loss_d")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int
