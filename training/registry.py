@@ -174,6 +174,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                    ("auto", "logit", "gaussian")),
             Option("--components", "components", int, "Gaussians per feature in p(x|z)"),
             Option("--train-samples", "train_samples", int, "1 = ELBO; k > 1 = IWAE_k training bound"),
+            Option("--kl-warmup", "kl_warmup", int, "epochs over which the KL weight rises from 0 to 1"),
             Option("--importance-samples", "importance_samples", int, "default K of the served score"),
             Option("--sample-mode", "sample_mode", str, "sample graph returns E[x|z] or a draw from p(x|z)",
                    ("mean", "draw")),
