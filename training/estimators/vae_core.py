@@ -108,18 +108,20 @@ class VAECore(nn.Module):
         value = estimate + log_det
         return torch.where(self.transform.inside(x), value, torch.full_like(value, -float("inf")))
 
-    def training_objective(self, x: torch.Tensor, eps: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+    def training_objective(self, x: torch.Tensor, eps: torch.Tensor, onehot: torch.Tensor | None = None,
+                           kl_weight: float = 1.0) -> torch.Tensor:
         """Per-row bound on log p(x[| c]) in nats that training maximises.
 
-        eps [N, L]: the ELBO with one reparameterised sample and the closed-form KL.
-        eps [N, K, L] with K > 1: the importance-weighted bound IWAE_K (Burda et al.).
+        eps [N, L]: the ELBO with one reparameterised sample and the closed-form KL (times
+        ``kl_weight``, 1 except during a KL warm-up). eps [N, K, L] with K > 1: the
+        importance-weighted bound IWAE_K (Burda et al.; ``kl_weight`` does not apply).
         """
         y, log_det = self.transform(x)
         if eps.dim() == 3:
             return log_mean_exp(self.log_weights(y, eps, onehot), dim=-1) + log_det
         mean, log_var = self.encoder(y, onehot)
         logits, mu, log_scale = self.decoder(reparameterise(mean, log_var, eps), onehot)
-        return elbo(mixture_log_prob(y, logits, mu, log_scale) + log_det, mean, log_var)
+        return elbo(mixture_log_prob(y, logits, mu, log_scale) + log_det, mean, log_var, kl_weight)
 
 
 class VAETrainer(nn.Module):
@@ -129,8 +131,9 @@ class VAETrainer(nn.Module):
         super().__init__()
         self.core = core
 
-    def forward(self, x: torch.Tensor, eps: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
-        return self.core.training_objective(x, eps, onehot)
+    def forward(self, x: torch.Tensor, eps: torch.Tensor, onehot: torch.Tensor | None = None,
+                kl_weight: float = 1.0) -> torch.Tensor:
+        return self.core.training_objective(x, eps, onehot, kl_weight)
 
 
 # ---- graphs (float32 in and out) ----------------------------------------------------------

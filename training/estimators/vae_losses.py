@@ -72,9 +72,15 @@ def log_mean_exp(log_w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.logsumexp(log_w, dim=dim) - torch.log(count)
 
 
-def elbo(log_px_given_z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor) -> torch.Tensor:
-    """ELBO per row: a one-sample estimate of E_q[log p(x|z)] minus the closed-form KL."""
-    return log_px_given_z - gaussian_kl(mean, log_var)
+def elbo(log_px_given_z: torch.Tensor, mean: torch.Tensor, log_var: torch.Tensor,
+         kl_weight: float = 1.0) -> torch.Tensor:
+    """ELBO per row: a one-sample estimate of E_q[log p(x|z)] minus the closed-form KL.
+
+    ``kl_weight`` < 1 (KL warm-up, Bowman et al. 2016; Sonderby et al. 2016) is *not* a bound:
+    training uses it only in its first epochs, so that the decoder learns to use z before the
+    KL term can pull q(z|x) onto the prior (posterior collapse).
+    """
+    return log_px_given_z - kl_weight * gaussian_kl(mean, log_var)
 
 
 def importance_log_weights(log_px_given_z: torch.Tensor, z: torch.Tensor, eps: torch.Tensor,

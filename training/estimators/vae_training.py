@@ -2,7 +2,11 @@
 
 Each step draws fresh reparameterisation noise eps ~ N(0, I) from a seeded generator and
 maximises the mean per-row bound (``VAECore.training_objective``): the ELBO with the closed-form
-KL when ``train_samples`` is 1, the importance-weighted bound IWAE_k otherwise. After every epoch
+KL when ``train_samples`` is 1, the importance-weighted bound IWAE_k otherwise. With a KL warm-up
+of W epochs the KL term is weighted e / W in epoch e = 0, 1, ... (1 from epoch W): the decoder learns
+to use z before the KL can pull q(z|x) onto the prior (the losses logged meanwhile are not
+bounds; the validation figure below always is), and training does not stop before it ends.
+After every epoch
 the model's density — the importance-weighted estimate with ``val_samples`` samples from *fixed*
 noise, so that epochs are compared on equal terms; of log p(x | c) at the true class for a
 conditional model — is measured on the validation rows;
@@ -35,6 +39,7 @@ class TrainSettings:
     max_epochs: int
     patience: int
     train_samples: int
+    kl_warmup: int
     seed: int
     verbose: bool
     val_samples: int = 16
@@ -80,12 +85,13 @@ def train(core: VAECore, fit: tuple[torch.Tensor, torch.Tensor | None],
             model.train()
             rows = dist.shard(len(x_fit), settings.seed * 100_003 + epoch)[: len(x_fit) // dist.world_size]
             rows = torch.as_tensor(rows, device=device)
+            kl_weight = min(1.0, epoch / settings.kl_warmup) if settings.kl_warmup else 1.0
             total = 0.0
             for start in range(0, len(rows), settings.batch_size):
                 batch = rows[start:start + settings.batch_size]
                 eps = torch.randn(len(batch), *shape, generator=noise, device=device)
                 onehot = onehot_fit[batch] if onehot_fit is not None else None
-                loss = -model(x_fit[batch], eps, onehot).mean()
+                loss = -model(x_fit[batch], eps, onehot, kl_weight).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -104,7 +110,7 @@ def train(core: VAECore, fit: tuple[torch.Tensor, torch.Tensor | None],
                 stale += 1
             if hasattr(epochs, "set_postfix"):
                 epochs.set_postfix(loss=f"{train_loss:.2f}", val_ll=f"{val_ll:.2f}", best=result.best_epoch)
-            if not math.isfinite(train_loss) or stale >= settings.patience:
+            if not math.isfinite(train_loss) or (stale >= settings.patience and epoch >= settings.kl_warmup):
                 break
     core.load_state_dict(best_state)
     core.eval()

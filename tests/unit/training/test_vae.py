@@ -19,13 +19,13 @@ from serving.repository.noise import draw_noise
 from training import datasets
 from training.estimators.vae import VariationalAutoencoder
 from training.estimators.vae_core import VAECore
-from training.estimators.vae_losses import (gaussian_kl, log_mean_exp, mixture_log_prob, posterior_log_prob,
+from training.estimators.vae_losses import (elbo, gaussian_kl, log_mean_exp, mixture_log_prob, posterior_log_prob,
                                             reparameterise, standard_normal_log_prob)
 from training.estimators.vae_networks import DataTransform, Decoder, Encoder
 from training.export import export_onnx
 from vae_ddp_worker import train_rank
 
-TINY = dict(latent_dim=4, hidden_units=32, hidden_layers=1, components=2, max_epochs=3, batch_size=64,
+TINY = dict(latent_dim=4, hidden_units=32, hidden_layers=1, components=2, max_epochs=3, batch_size=64, kl_warmup=0,
             importance_samples=8, verbose=False)
 
 
@@ -131,20 +131,39 @@ def test_elbo_below_iwae_below_the_exact_log_likelihood_and_iwae_rises_with_k():
     reps = 4000
     with torch.no_grad():
         xs = x.repeat_interleave(reps, dim=0)
-        elbo = core.training_objective(xs, torch.randn(len(xs), 1, dtype=torch.float64, generator=gen))
-        elbo = elbo.reshape(3, reps).mean(dim=1).numpy()
+        bound = core.training_objective(xs, torch.randn(len(xs), 1, dtype=torch.float64, generator=gen))
+        bound = bound.reshape(3, reps).mean(dim=1).numpy()
         iwae = {}
         for k in (1, 4, 16, 64):
             est = core.log_prob(xs, torch.randn(len(xs), k, 1, dtype=torch.float64, generator=gen)).reshape(3, reps)
             iwae[k] = (est.mean(dim=1).numpy(), est.std(dim=1).numpy() / math.sqrt(reps))
         large = core.log_prob(x, torch.randn(3, 200_000, 1, dtype=torch.float64, generator=gen)).numpy()
     # E[IWAE_1] is the ELBO (MC KL instead of the closed form): equal within the noise
-    np.testing.assert_allclose(iwae[1][0], elbo, atol=4 * iwae[1][1].max() + 0.02)
+    np.testing.assert_allclose(iwae[1][0], bound, atol=4 * iwae[1][1].max() + 0.02)
     for small, big in ((1, 4), (4, 16), (16, 64)):
         assert np.all(iwae[small][0] < iwae[big][0] + 3 * (iwae[small][1] + iwae[big][1]))
-    assert np.all(elbo < iwae[64][0]) and (iwae[64][0] - elbo).max() > 0.5  # a random encoder is poor
+    assert np.all(bound < iwae[64][0]) and (iwae[64][0] - bound).max() > 0.5  # a random encoder is poor
     assert np.all(iwae[64][0] < exact + 3 * iwae[64][1])
     np.testing.assert_allclose(large, exact, atol=0.02)  # IWAE_K -> log p(x)
+
+
+def test_conv_nets_start_sensitive_to_their_inputs():
+    """He initialisation: at the start the conv decoder's output moves with z and the encoder's
+    mean with x about as much as the MLP's (PyTorch's default init leaves the conv pair ~50x
+    flatter, and the VAE then collapses onto the prior)."""
+    torch.manual_seed(0)
+    for image in (None, (8, 8)):
+        with torch.no_grad():
+            _, mean, _ = Decoder(64, 16, 256, 2, 0, 3, image=image)(torch.randn(8, 16))
+            z_mean, _ = Encoder(64, 16, 256, 2, 0, image=image)(torch.randn(8, 64))
+        assert float(mean.std(dim=0).mean()) > 0.05 and float(z_mean.std(dim=0).mean()) > 0.05, image
+
+
+def test_kl_warmup_weight_scales_only_the_kl():
+    log_px, mean, log_var = torch.tensor([-3.0]), torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -0.5]])
+    assert float(elbo(log_px, mean, log_var, kl_weight=0.0)) == -3.0
+    half = float(elbo(log_px, mean, log_var, kl_weight=0.5))
+    assert half == pytest.approx(-3.0 - 0.5 * float(gaussian_kl(mean, log_var)), abs=1e-6)
 
 
 def test_gradients_flow_through_the_reparameterised_sample():
