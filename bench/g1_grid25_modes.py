@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {list(RECIPES)}")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="training seeds")
     parser.add_argument("--train-rows", type=int, default=100_000)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads outside the fit (a GAN fit always uses one CPU thread)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a gan hyper-parameter in every recipe (trials), e.g. --set steps=500")
     parser.add_argument("--name", default="g1_grid25_modes", help="results file stem")
