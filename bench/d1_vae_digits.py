@@ -16,9 +16,11 @@ CPU time of the fit, and peak RSS (``ru_maxrss``) before and after it. Reference
 the parent: genserve's full-covariance Gaussian (x space, as in D1), and the same
 Gaussian fitted in the VAE's logit space with the exact Jacobian — what the transform alone
 buys, so the VAE's own contribution is the difference from that row. The machine is shared by
-several engineers: timings are noisy (the load average is recorded).
+several engineers: timings are noisy (the load average is recorded); torch runs one thread per
+fit by default (``--threads``), since two threads on a loaded 2-core machine mostly wait for
+each other (a fit measured 224 s wall with two threads at load 9, 11 s with one at load 5).
 
-    python bench/d1_vae_digits.py [--variants mlp,conditional,conv,mlp-1component] [--k 1000]
+    python bench/d1_vae_digits.py [--variants mlp,conditional,conv,mlp-1component] [--k 1000] [--threads 1]
 """
 
 from __future__ import annotations
@@ -56,10 +58,13 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def child(variant: str, k_large: int) -> dict[str, Any]:
+def child(variant: str, k_large: int, threads: int) -> dict[str, Any]:
     import torch
 
     from training import datasets, registry
+
+    if threads:
+        torch.set_num_threads(threads)
 
     data = datasets.digits()
     params = {**VARIANTS[variant], "verbose": False}
@@ -73,8 +78,9 @@ def child(variant: str, k_large: int) -> dict[str, Any]:
         started = time.perf_counter()
         figures[f"iwae_{k}"] = float(np.mean(estimator.score_samples(data.X_test, importance_samples=k, seed=0)))
         figures[f"iwae_{k}_s"] = time.perf_counter() - started
-    figures[f"iwae_{k_large}_seed1"] = float(np.mean(estimator.score_samples(data.X_test, importance_samples=k_large,
-                                                                             seed=1)))
+    if variant == "mlp":  # how much the D1 figure moves with the noise (the others cost 10x / 5x more)
+        figures[f"iwae_{k_large}_seed1"] = float(np.mean(estimator.score_samples(
+            data.X_test, importance_samples=k_large, seed=1)))
     return {"variant": variant, "params": params, "conditional": conditional, "fit_s": fit_s, "cpu_s": cpu_s,
             "baseline_kib": baseline, "fit_peak_kib": fit_peak, "peak_kib": _rss_kib(),
             "best_epoch": estimator.best_epoch_, "epochs": len(estimator.history_),
@@ -82,8 +88,9 @@ def child(variant: str, k_large: int) -> dict[str, Any]:
             "loadavg": os.getloadavg(), **figures}
 
 
-def run_child(variant: str, k_large: int) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant, "--k", str(k_large)],
+def run_child(variant: str, k_large: int, threads: int) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", variant, "--k", str(k_large),
+                           "--threads", str(threads)],
                           cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=None, text=True)
     if proc.returncode != 0:
         return {"variant": variant, "status": "error", "note": f"child exited with {proc.returncode}"}
@@ -116,10 +123,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated of {list(VARIANTS)}")
     parser.add_argument("--k", type=int, default=1000, help="importance samples of the D1 figure")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per fit (default 1: on a shared machine two threads mostly wait "
+                             "for each other; 0 = torch's default)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.k)))
+        print(json.dumps(child(args.child, args.k, args.threads)))
         return
 
     info = machine_info()
@@ -128,7 +138,7 @@ def main() -> None:
     rows = []
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
         log(f"vae {variant} ...")
-        rows.append(run_child(variant, k))
+        rows.append(run_child(variant, k, args.threads))
         log(f"vae {variant}: {rows[-1]}")
 
     def mib(kib: float) -> float:
@@ -141,11 +151,11 @@ def main() -> None:
             continue
         elbo_cell = f"({r['elbo']:.2f} given the label)" if r["conditional"] else r["elbo"]
         table.append([f"vae {r['variant']}", elbo_cell, r["iwae_1"], r["iwae_64"], r[f"iwae_{k}"],
-                      abs(r[f"iwae_{k}"] - r[f"iwae_{k}_seed1"]), "yes" if r[f"iwae_{k}"] >= 65 else "no",
+                      abs(r[f"iwae_{k}"] - r[f"iwae_{k}_seed1"]) if f"iwae_{k}_seed1" in r else "–", "yes" if r[f"iwae_{k}"] >= 65 else "no",
                       f"{r['fit_s']:.1f} / {r['cpu_s']:.1f}", f"{r['best_epoch']} / {r['epochs']}",
                       f"{mib(r['fit_peak_kib']):.0f} / {mib(r['peak_kib']):.0f}"])
     print(f"## D1 — VAE on digits: ELBO and importance-weighted estimates (nats/image, test split)\n\n"
-          f"{machine_line(info)}\n")
+          f"{machine_line(info)}; torch threads per fit: {args.threads or 'default'}\n")
     print_table("VAE variants", ["model", "ELBO", "IWAE_1", "IWAE_64 (served default)", f"IWAE_{k} (D1 figure)",
                                  f"|IWAE_{k} seed 0 − seed 1|", "≥ 65", "fit wall / CPU s", "best / last epoch",
                                  f"peak RSS MiB (fit / with IWAE_{k})"], table)

@@ -46,7 +46,7 @@ ARCHITECTURES = ("mlp", "conv")
 LIKELIHOODS = ("auto", "logit", "gaussian")
 SAMPLE_MODES = ("mean", "draw")
 # Rows x importance samples per forward pass when scoring in torch (bounds the memory).
-SAMPLES_PER_CHUNK = 32_768
+SAMPLES_PER_CHUNK = 8192
 
 
 def _is_int(value: Any) -> bool:
