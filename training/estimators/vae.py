@@ -48,7 +48,7 @@ from training.estimators.base import ExportGraph, GenerativeEstimator, as_float6
 from training.estimators.vae_core import EncodeGraph, ReconstructGraph, SampleGraph, ScoreGraph, VAECore
 from training.estimators.vae_networks import DataTransform, Decoder, Encoder
 from training.estimators.vae_training import TrainSettings, train
-from training.neural import pick_device
+from training.neural import capped_threads, pick_device
 
 ARCHITECTURES = ("mlp", "conv")
 LIKELIHOODS = ("auto", "logit", "gaussian")
@@ -341,8 +341,10 @@ class VariationalAutoencoder(GenerativeEstimator):
         eps = torch.from_numpy(draw_noise([self.score_noise_spec()], len(x), seed,
                                           {"importance_samples": k})["eps"])
         rows = max(1, SAMPLES_PER_CHUNK // (k * (self.num_classes or 1)))
-        return torch.cat([self.core_.log_prob(x[i:i + rows], eps[i:i + rows])
-                          for i in range(0, len(x), rows)]).double()
+        widest = self.n_features_in_ * 3 * int(self.components)
+        with capped_threads(min(len(x), rows) * k * (self.num_classes or 1) * widest):
+            return torch.cat([self.core_.log_prob(x[i:i + rows], eps[i:i + rows])
+                              for i in range(0, len(x), rows)]).double()
 
     def score_samples(self, X: Any, importance_samples: int | None = None, seed: int = 0) -> np.ndarray:
         return self.log_prob(X, importance_samples, seed).numpy()

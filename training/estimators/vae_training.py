@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from training.estimators.vae_core import VAECore, VAETrainer
-from training.neural import distributed_from_env, progress, seeded_generator
+from training.neural import capped_threads, distributed_from_env, progress, seeded_generator
 
 
 @dataclass
@@ -73,7 +73,11 @@ def train(core: VAECore, fit: tuple[torch.Tensor, torch.Tensor | None],
     eps1_val = torch.randn(len(x_val), latent, generator=fixed, device=device)
     result = TrainResult()
     best_state = copy.deepcopy(core.state_dict())
-    with distributed_from_env(device) as dist:
+    # one step's widest activation: a batch of decoder outputs (3 mixture parameters per feature
+    # and component) or of hidden units; small steps run on one CPU thread (see capped_threads)
+    widest = max(core.n_features * 3 * core.decoder.components, core.encoder.head[0].out_features)
+    work = settings.batch_size * max(1, settings.train_samples) * widest
+    with capped_threads(work, device), distributed_from_env(device) as dist:
         model = dist.wrap(VAETrainer(core), device)
         optimizer = torch.optim.Adam(core.parameters(), lr=settings.learning_rate,
                                      weight_decay=settings.weight_decay)
