@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import threading
 from socketserver import ThreadingMixIn
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
@@ -117,6 +117,10 @@ class Metrics:
         self.model_load = Gauge("genserve_model_load_seconds", "time to load and warm up a model", ["model"],
                                 registry=r)
         self._known: frozenset[str] = frozenset()
+        # Labelled children by (metric, label values): ``labels()`` validates and hashes its
+        # arguments under a lock on every call (~10 µs here), several times per request; the
+        # label sets are bounded (see model_label), so the children are kept.
+        self._children: dict[tuple[object, tuple[str, ...]], Any] = {}
         self._http = None
         self._thread: threading.Thread | None = None
 
@@ -126,6 +130,13 @@ class Metrics:
 
     def model_label(self, name: str) -> str:
         return name if name in self._known else UNKNOWN_MODEL
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # ---- recording -----------------------------------------------------------------------
     def model_loaded(self, name: str, version: int, family: str, provider: str, seconds: float) -> None:
@@ -141,28 +152,28 @@ class Metrics:
 
     def request_done(self, method: str, model: str, code: str, seconds: float) -> None:
         label = self.model_label(model) if model else ""
-        self.requests.labels(method, label, code).inc()
-        self.request_duration.labels(method, label).observe(seconds)
+        self._child(self.requests, method, label, code).inc()
+        self._child(self.request_duration, method, label).observe(seconds)
 
     def rows_done(self, method: str, model: str, rows: int) -> None:
-        self.rows.labels(method, self.model_label(model)).inc(rows)
+        self._child(self.rows, method, self.model_label(model)).inc(rows)
 
     def anomalies_detected(self, model: str, scores: np.ndarray, flags: np.ndarray) -> None:
         label = self.model_label(model)
         self.anomaly_score.observe((label,), scores)
-        self.anomalies.labels(label).inc(int(np.count_nonzero(flags)))
+        self._child(self.anomalies, label).inc(int(np.count_nonzero(flags)))
 
     # RunObserver
     def queued(self, model: str, graph: str, seconds: float) -> None:
-        self.queue_duration.labels(self.model_label(model), graph).observe(seconds)
+        self._child(self.queue_duration, self.model_label(model), graph).observe(seconds)
 
     def ran(self, model: str, graph: str, rows: int, seconds: float) -> None:
         label = self.model_label(model)
-        self.inference_duration.labels(label, graph).observe(seconds)
-        self.batch_rows.labels(label, graph).observe(rows)
+        self._child(self.inference_duration, label, graph).observe(seconds)
+        self._child(self.batch_rows, label, graph).observe(rows)
 
     def merged(self, model: str, graph: str, requests: int) -> None:
-        self.batch_requests.labels(self.model_label(model), graph).observe(requests)
+        self._child(self.batch_requests, self.model_label(model), graph).observe(requests)
 
     # ---- exposition ----------------------------------------------------------------------
     def serve(self, host: str, port: int) -> int:

@@ -14,12 +14,30 @@ Plain NumPy callers (tests, notebooks) pass no context and get none of this.
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from serving.models.errors import Cancelled, DeadlineExceeded
+
+
+class CancelFlag:
+    """Set once by the event loop when the client goes away, read by the batch runner threads.
+
+    A plain attribute suffices (a bool store is atomic under the GIL and nobody waits on it);
+    ``threading.Event`` would build a Condition and a lock for every request.
+    """
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 class RunObserver(Protocol):
@@ -35,7 +53,7 @@ class RunContext:
     # Monotonic time after which the client no longer waits; None = no deadline.
     deadline: float | None = None
     observer: RunObserver | None = None
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: CancelFlag = field(default_factory=CancelFlag)
     _queued: set[str] = field(default_factory=set)
 
     @classmethod

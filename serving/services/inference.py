@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -61,12 +62,16 @@ PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "schedule_policy")
 ANOMALY_OUTPUT = "is_anomaly"
+LITTLE_ENDIAN = sys.byteorder == "little"
 CACHE_KEY = "oip-endpoints"
 
 DATATYPE_OF = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": "INT32", "uint8": "UINT8",
                "bool": "BOOL", "float16": "FP16", "int16": "INT16", "int8": "INT8", "uint16": "UINT16",
                "uint32": "UINT32", "uint64": "UINT64"}
 NUMPY_OF = {v: np.dtype(k) for k, v in DATATYPE_OF.items()}
+# Wire (little-endian) dtype per datatype, and datatype per NumPy dtype of an output.
+WIRE_DTYPE_OF = {v: d.newbyteorder("<") for v, d in NUMPY_OF.items()}
+DATATYPE_OF_DTYPE = {np.dtype(k): v for k, v in DATATYPE_OF.items()}
 CONFIG_TYPE_OF = {"FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64, "INT64": mc.TYPE_INT64, "INT32": mc.TYPE_INT32,
                   "UINT8": mc.TYPE_UINT8, "BOOL": mc.TYPE_BOOL, "FP16": mc.TYPE_FP16, "INT16": mc.TYPE_INT16,
                   "INT8": mc.TYPE_INT8, "UINT16": mc.TYPE_UINT16, "UINT32": mc.TYPE_UINT32, "UINT64": mc.TYPE_UINT64}
@@ -102,6 +107,7 @@ class Endpoint:
         self.by_name = {t.name: t for t in self.inputs}
         self.output_names = [t.name for t in self.outputs]
         self.graph_outputs = [t.name for t in self.graph.spec.outputs]
+        self.noise_inputs = [t for t in self.graph.spec.inputs if t.noise is not None]
 
 
 def _primary_graph(model: LoadedModel) -> str:
@@ -201,7 +207,7 @@ def decode_input(tensor: Any, info: TensorInfo, raw: bytes | None) -> np.ndarray
         if len(raw) != expected:
             raise InvalidArgument(f"{name}: expected {expected} bytes of raw_input_contents for shape "
                                   f"{_shape_text(shape)} {info.datatype}, got {len(raw)}")
-        return np.frombuffer(raw, dtype=dtype.newbyteorder("<")).reshape(shape)
+        return np.frombuffer(raw, dtype=WIRE_DTYPE_OF[info.datatype]).reshape(shape)
     field = CONTENTS_FIELD.get(info.datatype)
     if field is None:
         raise InvalidArgument(f"{name}: {info.datatype} travels only as raw_input_contents")
@@ -213,7 +219,11 @@ def decode_input(tensor: Any, info: TensorInfo, raw: bytes | None) -> np.ndarray
 
 
 def _check_finite(name: str, array: np.ndarray) -> None:
-    if array.dtype.kind != "f" or np.isfinite(array).all():
+    # A NaN or an infinity makes the sum non-finite, so a finite sum clears the array in one pass
+    # without a boolean temporary; only a non-finite sum (a bad value, or finite values whose sum
+    # overflows) pays for the exact check.
+    if array.dtype.kind != "f" or math.isfinite(float(np.add.reduce(array, axis=None))) \
+            or np.isfinite(array).all():
         return
     flat = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.array([True])
     row = int(np.argmax(flat))
@@ -439,7 +449,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if e.check_finite:
             for name, array in feeds.items():
                 _check_finite(name, array)
-        absent_noise = [t for t in e.graph.spec.inputs if t.noise is not None and t.name not in feeds]
+        absent_noise = [t for t in e.noise_inputs if t.name not in feeds]
         if absent_noise:
             seed = _int_param(request.parameters, "seed") or 0
             if seed < 0:
@@ -524,13 +534,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         response = pb.ModelInferResponse(model_name=e.name, model_version=e.version, id=request.id)
         for name in wanted:
             array = np.asarray(results[name])
-            datatype = DATATYPE_OF.get(array.dtype.name)
+            datatype = DATATYPE_OF_DTYPE.get(array.dtype)
             if datatype is None:
                 raise InvalidArgument(f"output {name!r} has dtype {array.dtype.name}, which OIP cannot carry")
-            tensor = response.outputs.add(name=name, datatype=datatype, shape=list(array.shape))
+            tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
             if raw:
-                response.raw_output_contents.append(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-                                                    .tobytes())
+                if array.dtype.byteorder not in "=|<" or not LITTLE_ENDIAN:
+                    array = array.astype(array.dtype.newbyteorder("<"))
+                response.raw_output_contents.append(array.tobytes())
             else:
                 field = CONTENTS_FIELD.get(datatype)
                 if field is None:
