@@ -135,6 +135,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             Option("--learning-rate", "learning_rate", float, "Adam learning rate (decays linearly to 0)"),
             Option("--generator-ema", "generator_ema", float,
                    "serve the moving average of the generator's weights with this decay (0 = off)"),
+            Option("--resample", "resample", int,
+                   "importance resampling: candidates per sample, weighted by a per-sample real-vs-G "
+                   "classifier trained after the game (1 = off: plain G(z))"),
+            Option("--classifier-steps", "classifier_steps", int,
+                   "training steps of the resampling classifier (frozen generator)"),
             Option("--conditional", "conditional", switch, "class-conditional: train with labels, sample a class"),
             Option("--calibration-fraction", "calibration_fraction", float,
                    "share of training rows held out to calibrate the anomaly threshold"),

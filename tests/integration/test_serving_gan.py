@@ -1,5 +1,6 @@
 """The GAN published and served over loopback gRPC: Sample (plain and class-conditional) and
-DetectAnomalies through the discriminator's ``anomaly`` graph; no ScoreDensity (no density)."""
+DetectAnomalies through the discriminator's ``anomaly`` graph; no ScoreDensity (no density). The
+sample graphs resample candidates by the per-sample classifier (``resample``)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from training.publish import publish
 torch.set_num_threads(1)
 CENTRES = np.array([[-3.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
 FAST = dict(hidden=32, layers=2, latent_dim=4, batch_size=64, learning_rate=2e-3, verbose=False, device="cpu",
-            generator_activation="relu", fourier_features=0, r1_weight=0.0, pack=1)
+            generator_activation="relu", fourier_features=0, r1_weight=0.0, pack=1, resample=1)
 
 
 def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,7 +35,8 @@ def toy() -> Dataset:
 
 def test_gan_sampled_and_scored_like_its_estimator(fresh_server, tmp_path):
     data = toy()
-    estimator = GenerativeAdversarialNetwork(steps=150, **{**FAST, "pack": 2}, minibatch_discrimination=True)
+    estimator = GenerativeAdversarialNetwork(steps=150, **{**FAST, "pack": 2, "resample": 8},
+                                             minibatch_discrimination=True, classifier_steps=100)
     estimator.fit_dataset(data)
     scores = estimator.calibration_scores(data, 5)
     calibration = calibration_from_scores(scores, 0.05, estimator.calibration_method(5))
@@ -42,6 +44,9 @@ def test_gan_sampled_and_scored_like_its_estimator(fresh_server, tmp_path):
                           metrics=estimator.evaluate(data))
     assert manifest.capabilities == ["anomaly", "sample"]  # sample + anomaly, no score graph
     assert set(manifest.graphs) == {"sample", "anomaly"}
+    assert [(s.name, s.shape, s.noise) for s in manifest.graphs["sample"].inputs] == [
+        ("z", [-1, 8, 4], "normal"), ("u", [-1], "uniform")]  # 8 candidates per sample, one choice
+    assert manifest.hyperparameters["resample"] == 8 and "classifier_holdout_accuracy" in manifest.hyperparameters
     card = (tmp_path / "blobs-gan" / "1" / "card.md").read_text()
     assert "not a density" in card and "−log p" not in card
 
@@ -66,9 +71,10 @@ def test_gan_sampled_and_scored_like_its_estimator(fresh_server, tmp_path):
 
 def test_conditional_gan_gives_the_requested_class(fresh_server, tmp_path):
     _, manifest = train_and_publish("gan", toy(), tmp_path, "blobs-cgan",
-                                    params=dict(conditional=True, steps=300, **FAST), log=lambda line: None)
+                                    params=dict(conditional=True, steps=300, **{**FAST, "resample": 4},
+                                                classifier_steps=100), log=lambda line: None)
     assert "conditional" in manifest.capabilities and manifest.num_classes == 3
-    assert [s.name for s in manifest.graphs["sample"].inputs] == ["z", "label"]
+    assert [s.name for s in manifest.graphs["sample"].inputs] == ["z", "u", "label"]
     client = fresh_server(tmp_path).start().client()
     for c in range(3):
         samples = client.sample("blobs-cgan", n=200, seed=c, label=c)

@@ -15,6 +15,10 @@ What is served:
 
 * ``sample`` — z [N, latent_dim] (noise, drawn by the server from the request's seed) and, when
   ``conditional``, ``label`` int64 [N] -> samples [N, d]. G is deterministic given its inputs.
+  With ``resample`` = M > 1 (``gan_resampling``): z [N, M, latent_dim] gives M candidates per
+  row, a separate per-sample classifier c(x) ~ log p_data(x) / p_G(x) (trained after the game on
+  the frozen G) weighs them, and u [N] (uniform) picks one with probability softmax(c) —
+  importance resampling that removes most of the mass G puts where the data has none.
 * ``anomaly`` — rows [N, d] -> score [N] = -l(x), the negated discriminator logit (or WGAN
   critic value): higher = more anomalous. Its threshold is a quantile of this score on training
   rows *held out of the fit* (``calibration_fraction``), because the discriminator has seen
@@ -41,6 +45,7 @@ from torch import nn
 from serving.repository.manifest import TensorSpec
 from serving.repository.noise import draw_noise
 from training.estimators import gan_networks as nets
+from training.estimators import gan_resampling as resampling
 from training.estimators.base import ExportGraph, GenerativeEstimator, as_float64
 from training.estimators.gan_training import TrainConfig, train_gan
 from training.neural import distributed_from_env, pick_device, unwrap
@@ -79,9 +84,12 @@ class GANCore(nn.Module):
 
     def __init__(self, generator: nn.Module, discriminator: nets.Discriminator, shift: torch.Tensor,
                  scale: torch.Tensor, row_shape: tuple[int, ...], latent_dim: int, num_classes: int,
-                 reference: torch.Tensor, reference_labels: torch.Tensor | None):
+                 reference: torch.Tensor, reference_labels: torch.Tensor | None,
+                 classifier: nets.Discriminator | None = None, resample: int = 1):
         super().__init__()
         self.generator, self.discriminator = generator, discriminator
+        # The per-sample density-ratio classifier and the candidates per sample (1 = no resampling).
+        self.classifier, self.resample = classifier, int(resample) if classifier is not None else 1
         self.row_shape, self.latent_dim, self.num_classes = row_shape, latent_dim, num_classes
         self.pack = discriminator.pack
         self.register_buffer("shift", shift)
@@ -93,12 +101,26 @@ class GANCore(nn.Module):
 
     # ---- sampling ---------------------------------------------------------------------------
     def noise_specs(self) -> list[TensorSpec]:
-        return [TensorSpec(name="z", shape=[-1, self.latent_dim], noise="normal")]
+        """z [N, latent]; with resampling z [N, M, latent] (M fixed at export) and u [N]."""
+        if self.resample == 1:
+            return [TensorSpec(name="z", shape=[-1, self.latent_dim], noise="normal")]
+        return [TensorSpec(name="z", shape=[-1, self.resample, self.latent_dim], noise="normal"),
+                TensorSpec(name="u", shape=[-1], noise="uniform")]
 
-    def sample_from_noise(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        """z [N, latent] (+ label int64 [N]) -> rows [N, d] in data units."""
+    def sample_from_noise(self, z: torch.Tensor, u: torch.Tensor | None = None,
+                          label: torch.Tensor | None = None) -> torch.Tensor:
+        """z [N, latent] (+ label int64 [N]) -> rows [N, d] in data units; with resampling z
+        [N, M, latent] and u [N]: one of each row's M candidates, by the classifier's weights."""
         onehot = self.eye[label] if self.num_classes else None
-        out = self.generator(z.to(self.shift.dtype), onehot)
+        if self.resample == 1:
+            out = self.generator(z.to(self.shift.dtype), onehot)
+            return (self.shift + self.scale * out).flatten(1)
+        n, m = z.shape[0], self.resample
+        if onehot is not None:  # every candidate of a row has the row's label
+            onehot = onehot.unsqueeze(1).expand(n, m, onehot.shape[1]).reshape(n * m, onehot.shape[1])
+        candidates = self.generator(z.to(self.shift.dtype).reshape(n * m, self.latent_dim), onehot)
+        logits = self.classifier(candidates, onehot).reshape(n, m)
+        out = resampling.pick(candidates.reshape(n, m, *self.row_shape), resampling.choose(logits, u))
         return (self.shift + self.scale * out).flatten(1)
 
     # ---- the discriminator's anomaly score ------------------------------------------------------
@@ -145,8 +167,11 @@ class _SampleGraph(nn.Module):
         super().__init__()
         self.core = core
 
-    def forward(self, z: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
-        return self.core.sample_from_noise(z, label).to(torch.float32)
+    def forward(self, z: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        """Inputs in the manifest's order: z, [u (resampling)], [label (conditional)]."""
+        u = rest[0] if self.core.resample > 1 else None
+        label = rest[-1] if self.core.num_classes else None
+        return self.core.sample_from_noise(z, u, label).to(torch.float32)
 
 
 class _AnomalyGraph(nn.Module):
@@ -171,7 +196,11 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         "it saw neither data nor samples and its value is an extrapolation (it may even call a far-away "
         "row typical). The threshold is a quantile of the score on training rows held out of the fit; "
         "treat flags as a screening signal, not as probabilities. Samples may miss modes of the data "
-        "(mode collapse) without any figure of the fit saying so: check the sample picture.")
+        "(mode collapse) without any figure of the fit saying so: check the sample picture. With "
+        "`resample` > 1 each sample is one of that many generator candidates, picked with probability "
+        "softmax of a per-sample classifier's logits (an estimate of log p_data/p_G): this removes most "
+        "samples that fall where the data has none, but cannot restore a mode the generator never "
+        "reaches, and the classifier's estimate is only as good as its held-out accuracy suggests.")
 
     def __init__(self, architecture: str = "mlp", loss: str = "nonsaturating", latent_dim: int | str = "auto",
                  hidden: int = 256, layers: int = 3, channels: int = 32, generator_activation: str = "tanh",
@@ -179,7 +208,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
                  label_smoothing: bool = False, feature_matching: bool = False,
                  minibatch_discrimination: bool = False, gp_weight: float = 10.0, r1_weight: float = 0.0125,
                  steps: int = 3000, batch_size: int = 256, d_steps: int | None = None,
-                 learning_rate: float = 1e-3, generator_ema: float = 0.0, conditional: bool = False,
+                 learning_rate: float = 1e-3, generator_ema: float = 0.0, resample: int = 16,
+                 classifier_steps: int = 1000, conditional: bool = False,
                  calibration_fraction: float = 0.1, device: str = "auto", random_state: int = 0,
                  verbose: bool = True):
         self.architecture = architecture
@@ -202,6 +232,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         self.d_steps = d_steps
         self.learning_rate = learning_rate
         self.generator_ema = generator_ema
+        self.resample = resample
+        self.classifier_steps = classifier_steps
         self.conditional = conditional
         self.calibration_fraction = calibration_fraction
         self.device = device
@@ -213,8 +245,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
     _PARAMS = ("architecture", "loss", "latent_dim", "hidden", "layers", "channels", "generator_activation",
                "fourier_features", "fourier_anneal", "pack", "label_smoothing", "feature_matching",
                "minibatch_discrimination", "gp_weight", "r1_weight", "steps", "batch_size", "d_steps",
-               "learning_rate", "generator_ema", "conditional", "calibration_fraction", "device", "random_state",
-               "verbose")
+               "learning_rate", "generator_ema", "resample", "classifier_steps", "conditional",
+               "calibration_fraction", "device", "random_state", "verbose")
 
     def get_params(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._PARAMS}
@@ -223,6 +255,10 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         chosen = {**self.get_params(), "d_steps": self._d_steps()}
         if hasattr(self, "latent_dim_"):
             chosen.update(latent_dim=self.latent_dim_, fourier_features=self.fourier_features_)
+        if getattr(self, "classifier_holdout_", None):
+            # the resampling classifier on held-out real rows against fresh samples (BCE; log 2 = chance)
+            chosen.update(classifier_holdout_loss=round(self.classifier_holdout_["loss"], 4),
+                          classifier_holdout_accuracy=round(self.classifier_holdout_["accuracy"], 4))
         return chosen
 
     def _resolve(self, d: int) -> None:
@@ -244,7 +280,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         _check(self.architecture in ARCHITECTURES,
                f"architecture: expected one of {list(ARCHITECTURES)}, got {self.architecture!r}")
         _check(self.loss in LOSSES, f"loss: expected one of {list(LOSSES)}, got {self.loss!r}")
-        for name in ("latent_dim", "hidden", "layers", "channels", "pack", "steps", "batch_size"):
+        for name in ("latent_dim", "hidden", "layers", "channels", "pack", "steps", "batch_size", "resample",
+                     "classifier_steps"):
             value = getattr(self, name)
             if name == "latent_dim" and value == "auto":
                 continue
@@ -372,8 +409,16 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
             self.history_, average = train_gan(g, dsc, train_x.to(device),
                                                None if train_y is None else train_y.to(device),
                                                config, dist, self.random_state, self.verbose)
-        generator = (average if average is not None else unwrap(g)).cpu().eval()
+        generator = (average if average is not None else unwrap(g)).eval()
         discriminator = unwrap(dsc).cpu().eval()
+        for p in generator.parameters():
+            p.requires_grad_(False)
+        classifier, self.classifier_holdout_ = None, None
+        if self.resample > 1:
+            with _one_cpu_thread(device):
+                classifier = self._fit_classifier(generator, d, row_shape, k, train_x, train_y, x[cal], labels,
+                                                  cal, shift, scale, device)
+        generator = generator.cpu()
 
         # Fixed real rows for scoring single rows (companions of packs, minibatch references).
         picked = np.random.default_rng(self.random_state + 1).permutation(len(fit_rows))
@@ -381,10 +426,37 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         reference = train_x[picked]
         reference_labels = train_y[picked] if train_y is not None else None
         self.core_ = GANCore(generator, discriminator, shift, scale, row_shape, self.latent_dim_, k,
-                             reference, reference_labels).eval()
+                             reference, reference_labels, classifier, self.resample).eval()
         for p in self.core_.parameters():
             p.requires_grad_(False)
         return self
+
+    def _fit_classifier(self, generator: nn.Module, d: int, row_shape: tuple[int, ...], k: int,
+                        train_x: torch.Tensor, train_y: torch.Tensor | None, held_out: torch.Tensor,
+                        labels: np.ndarray | None, cal: np.ndarray, shift: torch.Tensor, scale: torch.Tensor,
+                        device: torch.device) -> nets.Discriminator:
+        """The per-sample density-ratio classifier for resampling (``gan_resampling``): the
+        discriminator's architecture without packing or minibatch features (Fourier features all
+        on), trained on the frozen generator; evaluated on the rows held out of the fit."""
+        torch.manual_seed(self.random_state + 1)
+        if self.architecture == "mlp":
+            classifier = nets.mlp_discriminator(d, self.hidden, self.layers, k, 1, False, self.fourier_features_,
+                                                seed=self.random_state)
+        else:
+            classifier = nets.conv_discriminator(tuple(row_shape[1:]), self.channels, k, 1, False)
+        classifier = classifier.to(device)
+        self.classifier_history_ = resampling.train_classifier(
+            classifier, generator, train_x.to(device), None if train_y is None else train_y.to(device),
+            self.latent_dim_, k, self.classifier_steps, self.batch_size, self.learning_rate, self.random_state)
+        self.classifier_holdout_ = None
+        if len(cal):
+            rows = ((held_out.float().reshape(-1, *row_shape)) - shift) / scale
+            held_labels = torch.from_numpy(labels[cal]).to(device) if labels is not None else None
+            self.classifier_holdout_ = resampling.evaluate_classifier(
+                classifier, generator, rows.to(device), held_labels, self.latent_dim_, k, self.random_state)
+        for p in classifier.parameters():
+            p.requires_grad_(False)
+        return classifier.cpu().eval()
 
     # ---- using the fitted model ----------------------------------------------------------------
     def _check_fitted(self) -> None:
@@ -409,8 +481,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
     def sample(self, n: int, seed: int = 0, label: Any = None) -> torch.Tensor:
         """``n`` rows [n, d] from z drawn as the server draws it for ``seed`` (float32 maths, float64 out)."""
         self._check_fitted()
-        z = torch.from_numpy(draw_noise(self.noise_specs(), n, seed)["z"])
-        return self.core_.sample_from_noise(z, self._label_array(n, label)).double()
+        noise = {k: torch.from_numpy(v) for k, v in draw_noise(self.noise_specs(), n, seed).items()}
+        return self.core_.sample_from_noise(noise["z"], noise.get("u"), self._label_array(n, label)).double()
 
     @torch.no_grad()
     def anomaly_score(self, X: Any) -> np.ndarray:

@@ -1,5 +1,6 @@
 """The GAN: its losses against hand-computed values, the stabilisers' layers, ONNX parity of both
-graphs, sampling by seed, class-conditional sampling, and that training moves samples to the data."""
+graphs, sampling by seed, class-conditional sampling, that training moves samples to the data, and
+importance resampling by the per-sample classifier (the choice follows the softmax weights)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from training.datasets import Dataset
 from training.estimators import gan_losses as losses
 from training.estimators import gan_networks as nets
-from training.estimators.gan import GenerativeAdversarialNetwork
+from training.estimators import gan_resampling as resampling
+from training.estimators.gan import GANCore, GenerativeAdversarialNetwork
 from training.export import export_and_check
 
 torch.set_num_threads(1)
@@ -177,7 +179,7 @@ def toy_dataset(n_train: int = 600) -> Dataset:
 def quick(**params) -> GenerativeAdversarialNetwork:
     # Small and plain unless a test asks otherwise (independent of the family's default recipe).
     settings = dict(hidden=32, layers=2, latent_dim=4, steps=20, batch_size=32, verbose=False, device="cpu",
-                    generator_activation="relu", fourier_features=0, pack=1, r1_weight=0.0)
+                    generator_activation="relu", fourier_features=0, pack=1, r1_weight=0.0, resample=1)
     return GenerativeAdversarialNetwork(**{**settings, **params})
 
 
@@ -193,6 +195,8 @@ def energy_distance(a: np.ndarray, b: np.ndarray) -> float:
     dict(pack=4, minibatch_discrimination=True, conditional=True),
     dict(loss="wgan-gp", feature_matching=True, d_steps=2),
     dict(generator_activation="tanh", fourier_features=16, r1_weight=0.1, pack=2, label_smoothing=True),
+    dict(generator_activation="tanh", fourier_features=16, resample=8, classifier_steps=30),
+    dict(pack=2, conditional=True, resample=3, classifier_steps=10),
 ])
 def test_onnx_parity_sample_and_anomaly_mlp(params, tmp_path):
     data = toy_dataset(200)
@@ -215,7 +219,7 @@ def test_onnx_parity_conv_on_images(tmp_path):
     images = rng.uniform(size=(96, 64))
     data = Dataset("noise-images", images[:64], images[64:], rng.integers(0, 3, 64), rng.integers(0, 3, 32),
                    image_shape=(8, 8))
-    model = quick(architecture="conv", channels=4, conditional=True, pack=2)
+    model = quick(architecture="conv", channels=4, conditional=True, pack=2, resample=3, classifier_steps=5)
     model.fit_dataset(data)
     samples = model.sample(5, seed=0, label=2).numpy()
     assert samples.shape == (5, 64)
@@ -289,8 +293,110 @@ def test_calibration_uses_rows_held_out_of_the_fit():
     (dict(calibration_fraction=0.7), "calibration_fraction"),
     (dict(conditional=True), "conditional=True needs class labels"),
     (dict(architecture="conv"), "not a square image"),
+    (dict(resample=0), "resample: expected a positive integer"),
+    (dict(classifier_steps=0), "classifier_steps: expected a positive integer"),
 ])
 def test_parameters_are_validated(params, message):
     x = np.random.default_rng(0).normal(size=(100, 3))
     with pytest.raises(ValueError, match=message):
         quick(**params).fit(x)
+
+
+# ---- importance resampling ----------------------------------------------------------------------
+
+def test_resampling_choice_is_the_inverse_cdf_of_the_softmax():
+    u = torch.linspace(0.0005, 0.9995, 1000)
+    # One candidate with an overwhelming logit is always picked, wherever it sits.
+    for winner in (0, 3, 7):
+        logits = torch.zeros(1000, 8)
+        logits[:, winner] = 60.0
+        assert (resampling.choose(logits, u) == winner).all()
+    # Equal logits: uniform over the candidates (u evenly spread: exactly equal counts) ...
+    counts = torch.bincount(resampling.choose(torch.zeros(1000, 4), u), minlength=4)
+    assert counts.tolist() == [250, 250, 250, 250]
+    # ... and with random uniforms, within a tolerance; logits (0, log 3) pick the second 3/4 of the time.
+    draws = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(resampling.choose(torch.zeros(20000, 5), draws), minlength=5) / 20000
+    assert (frequencies - 0.2).abs().max() < 0.015, frequencies
+    weighted = resampling.choose(torch.tensor([[0.0, math.log(3.0)]]).expand(20000, 2), draws)
+    assert float(weighted.float().mean()) == pytest.approx(0.75, abs=0.015)
+    # u at the very top never indexes past the last candidate (the cumulative sum may end below 1).
+    assert int(resampling.choose(torch.tensor([[0.1, 0.2, 0.3]]), torch.tensor([1.0]))) == 2
+    # pick returns the chosen candidate of each row.
+    candidates = torch.arange(24.0).reshape(3, 4, 2)
+    assert resampling.pick(candidates, torch.tensor([2, 0, 3])).tolist() == [[4, 5], [8, 9], [22, 23]]
+
+
+class _FavourFar(torch.nn.Module):
+    """A hand-set classifier: logit = weight where the first coordinate exceeds 5, else 0."""
+
+    def __init__(self, weight: float):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, x, onehot=None):
+        return self.weight * (x[:, 0] > 5).to(x.dtype)
+
+
+def test_resampled_graph_follows_a_hand_set_classifier(tmp_path):
+    model = quick().fit_dataset(toy_dataset(200))
+    base = model.core_
+    n, m = 4000, 6
+
+    def core(weight):
+        return GANCore(base.generator, base.discriminator, torch.zeros(2), torch.ones(2), (2,), 4, 0,
+                       base.reference, None, _FavourFar(weight), m).eval()
+
+    class Identity(torch.nn.Module):
+        def forward(self, z, onehot=None):
+            return z[:, :2]
+
+    rng = np.random.default_rng(0)
+    z = torch.from_numpy(rng.standard_normal((n, m, 4)).astype(np.float32))
+    u = torch.from_numpy(rng.random(n).astype(np.float32))
+    winner = torch.from_numpy(rng.integers(0, m, n))
+    far = z.clone()
+    far[torch.arange(n), winner, 0] = 10.0  # one candidate per row with an overwhelming logit (50 vs 0)
+    with torch.no_grad():
+        overwhelming = core(50.0)
+        overwhelming.generator = Identity()
+        out = overwhelming.sample_from_noise(far, u)
+        torch.testing.assert_close(out, far[torch.arange(n), winner, :2], rtol=0, atol=0)  # picked every time
+        flat = core(0.0)
+        flat.generator = Identity()
+        chosen = (flat.sample_from_noise(z, u)[:, None, :] == z[:, :, :2]).all(dim=2).float().argmax(dim=1)
+    frequencies = torch.bincount(chosen, minlength=m) / n
+    assert (frequencies - 1 / m).abs().max() < 0.03, frequencies  # equal logits: uniform choice
+
+
+def test_resampling_noise_inputs_and_reproducibility_by_seed():
+    data = toy_dataset(200)
+    plain = quick().fit_dataset(data)
+    assert [(s.name, s.shape) for s in plain.export_graphs()[0].inputs] == [("z", [-1, 4])]  # unchanged graph
+    assert plain.core_.classifier is None and "classifier_holdout_loss" not in plain.fitted_params()
+    model = quick(resample=5, classifier_steps=20).fit_dataset(data)
+    specs = model.export_graphs()[0].inputs
+    assert [(s.name, s.shape, s.noise) for s in specs] == [("z", [-1, 5, 4], "normal"), ("u", [-1], "uniform")]
+    a = model.sample(50, seed=4)
+    torch.testing.assert_close(a, model.sample(50, seed=4), rtol=0, atol=0)
+    assert not torch.allclose(a, model.sample(50, seed=5))
+    params = model.fitted_params()
+    assert params["resample"] == 5 and params["classifier_steps"] == 20
+    assert 0 <= params["classifier_holdout_accuracy"] <= 1 and params["classifier_holdout_loss"] > 0
+
+
+def test_classifier_training_lowers_its_held_out_loss():
+    data = toy_dataset(400)
+    model = quick(steps=5).fit_dataset(data)  # a poor generator: easy to tell from the data
+    core = model.core_
+    torch.manual_seed(0)
+    classifier = nets.mlp_discriminator(2, 32, 2)
+    held_out = (torch.from_numpy(data.X_test).float() - core.shift) / core.scale
+    before = resampling.evaluate_classifier(classifier, core.generator, held_out, None, 4, 0, seed=0)
+    train = (torch.from_numpy(data.X_train).float() - core.shift) / core.scale
+    history = resampling.train_classifier(classifier, core.generator, train, None, 4, 0, steps=200,
+                                          batch_size=64, learning_rate=3e-3, seed=0)
+    after = resampling.evaluate_classifier(classifier, core.generator, held_out, None, 4, 0, seed=0)
+    assert after["loss"] < 0.5 * before["loss"] and after["loss"] < math.log(2), (before, after)
+    assert after["accuracy"] > 0.9, after
+    assert len(history) == 10 and history[-1]["loss"] < history[0]["loss"]
