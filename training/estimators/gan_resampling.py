@@ -24,9 +24,9 @@ The cost of a sample is M generator and classifier evaluations (cheap for small 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from training.estimators import gan_losses as losses
 from training.neural import seeded_generator
 
 
@@ -51,7 +51,8 @@ def classifier_loss(classifier: nn.Module, real: torch.Tensor, fake: torch.Tenso
                     fake_onehot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean BCE, accuracy) of the classifier on real (target 1) and fake (target 0) rows."""
     real_logit, fake_logit = classifier(real, real_onehot), classifier(fake, fake_onehot)
-    loss = 0.5 * (F.softplus(-real_logit).mean() + F.softplus(fake_logit).mean())
+    # the game's discriminator loss (real -> 1, fake -> 0) halved: a balanced mean, log 2 = chance
+    loss = 0.5 * losses.discriminator_loss(real_logit, fake_logit)
     accuracy = 0.5 * ((real_logit > 0).float().mean() + (fake_logit <= 0).float().mean())
     return loss, accuracy
 
