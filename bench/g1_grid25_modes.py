@@ -14,12 +14,14 @@ Recipes (``--recipes``), each a set of ``gan`` hyper-parameters (the registry's 
 * ``default`` — the family's default recipe: tanh MLP generator (z in 2-D), PacGAN4 discriminator
   on coarse-to-fine Fourier features (128 frequencies switched on over the first 75 % of the
   steps), non-saturating loss with R1 = 0.0125, 3,000 steps of 256 rows, Adam 1e-3 (beta1 0.5)
-  decaying linearly to 0; then importance resampling: a per-sample classifier of real rows vs the
+  decaying linearly to 0, and IMLE's coverage term at weight 1 in the generator's loss (each real
+  row of a batch pulls its nearest fake); then importance resampling: a per-sample classifier of real rows vs the
   frozen generator's samples (the same Fourier MLP, unpacked, 1,000 steps) weighs 16 candidates
   per served sample, and the sample graph picks one with probability softmax(logits);
 * ``no-resample`` — the same game with ``resample=1``: the generator's samples as they come;
+* ``no-coverage`` — the default recipe without the coverage term (``coverage_weight=0``);
 * ``nonsaturating`` — the plain non-saturating GAN: ReLU generator, plain MLP discriminator, no
-  packing, no R1, no resampling; same sizes, steps and optimiser;
+  packing, no R1, no coverage term, no resampling; same sizes, steps and optimiser;
 * ``wgan-gp`` — the same plain networks with WGAN-GP (lambda = 10, 5 critic steps per generator
   step, Adam betas (0.5, 0.9)).
 
@@ -54,10 +56,12 @@ from training.pipeline import train_and_publish
 
 N_SAMPLES = 2500
 SAMPLE_SEED = 0
-PLAIN = {"generator_activation": "relu", "fourier_features": 0, "pack": 1, "r1_weight": 0.0, "resample": 1}
+PLAIN = {"generator_activation": "relu", "fourier_features": 0, "pack": 1, "r1_weight": 0.0, "resample": 1,
+         "coverage_weight": 0.0}
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "no-resample": {"resample": 1},
+    "no-coverage": {"coverage_weight": 0.0},
     "nonsaturating": {**PLAIN},
     "wgan-gp": {**PLAIN, "loss": "wgan-gp"},
 }
@@ -197,6 +201,11 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key, type(default)(text)
     if default is None:  # d_steps
         return key, int(text)
+    for kind in (int, float):  # "auto"-or-number parameters (latent_dim, coverage_weight, ...)
+        try:
+            return key, kind(text)
+        except ValueError:
+            pass
     return key, text
 
 

@@ -9,7 +9,10 @@ For a fixed G the best discriminator is D*(x) = p_data(x) / (p_data(x) + p_G(x))
 the generator minimises 2 JS(p_data || p_G) - log 4, whose minimum is p_G = p_data. In practice
 the two players take alternating gradient steps (``gan_training``) with the losses of
 ``gan_losses``: the non-saturating generator loss, one-sided label smoothing, feature matching,
-minibatch discrimination and PacGAN packing (``gan_networks``), or WGAN-GP.
+minibatch discrimination and PacGAN packing (``gan_networks``), or WGAN-GP; and, against mode
+dropping, IMLE's coverage term (Li and Malik 2018): every real row of a batch pulls its nearest
+fake towards it, so a mode the generator has left still pulls it back (on by default for MLPs
+on rows of d <= 3; measured in ``bench/g1_grid25_modes.py``).
 
 What is served:
 
@@ -208,7 +211,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
                  label_smoothing: bool = False, feature_matching: bool = False,
                  minibatch_discrimination: bool = False, gp_weight: float = 10.0, r1_weight: float = 0.0125,
                  steps: int = 3000, batch_size: int = 256, d_steps: int | None = None,
-                 learning_rate: float = 1e-3, generator_ema: float = 0.0, resample: int = 16,
+                 learning_rate: float = 1e-3, generator_ema: float = 0.0, coverage_weight: float | str = "auto",
+                 resample: int = 16,
                  classifier_steps: int = 1000, conditional: bool = False,
                  calibration_fraction: float = 0.1, device: str = "auto", random_state: int = 0,
                  verbose: bool = True):
@@ -232,6 +236,7 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         self.d_steps = d_steps
         self.learning_rate = learning_rate
         self.generator_ema = generator_ema
+        self.coverage_weight = coverage_weight
         self.resample = resample
         self.classifier_steps = classifier_steps
         self.conditional = conditional
@@ -245,7 +250,7 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
     _PARAMS = ("architecture", "loss", "latent_dim", "hidden", "layers", "channels", "generator_activation",
                "fourier_features", "fourier_anneal", "pack", "label_smoothing", "feature_matching",
                "minibatch_discrimination", "gp_weight", "r1_weight", "steps", "batch_size", "d_steps",
-               "learning_rate", "generator_ema", "resample", "classifier_steps", "conditional",
+               "learning_rate", "generator_ema", "coverage_weight", "resample", "classifier_steps", "conditional",
                "calibration_fraction", "device", "random_state", "verbose")
 
     def get_params(self) -> dict[str, Any]:
@@ -254,7 +259,8 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
     def fitted_params(self) -> dict[str, Any]:
         chosen = {**self.get_params(), "d_steps": self._d_steps()}
         if hasattr(self, "latent_dim_"):
-            chosen.update(latent_dim=self.latent_dim_, fourier_features=self.fourier_features_)
+            chosen.update(latent_dim=self.latent_dim_, fourier_features=self.fourier_features_,
+                          coverage_weight=self.coverage_weight_)
         if getattr(self, "classifier_holdout_", None):
             # the resampling classifier on held-out real rows against fresh samples (BCE; log 2 = chance)
             chosen.update(classifier_holdout_loss=round(self.classifier_holdout_["loss"], 4),
@@ -262,13 +268,21 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
         return chosen
 
     def _resolve(self, d: int) -> None:
-        """"auto": z has the data's dimension (at least 2, at most 32); Fourier features (128
-        frequencies) for MLPs on low-dimensional rows (d <= 3), where fine detail is hard to learn."""
+        """"auto": z has the data's dimension (at least 2, at most 32); for MLPs on low-dimensional
+        rows (d <= 3), Fourier features (128 frequencies), where fine detail is hard to learn, and
+        the coverage term at weight 1, where a batch of fakes covers the space densely enough for
+        "the nearest fake" to mean "the fake of this mode" (in pixel space it would mean "the
+        least unlike image" and pull samples towards blurred averages)."""
         self.latent_dim_ = min(max(d, 2), 32) if self.latent_dim == "auto" else self.latent_dim
+        low_dimensional_rows = self.architecture == "mlp" and d <= 3
         if self.fourier_features == "auto":
-            self.fourier_features_ = 128 if self.architecture == "mlp" and d <= 3 else 0
+            self.fourier_features_ = 128 if low_dimensional_rows else 0
         else:
             self.fourier_features_ = self.fourier_features
+        if self.coverage_weight == "auto":
+            self.coverage_weight_ = 1.0 if low_dimensional_rows else 0.0
+        else:
+            self.coverage_weight_ = float(self.coverage_weight)
 
     def _d_steps(self) -> int:
         """WGAN-GP's critic takes 5 steps per generator step (Gulrajani et al.); the BCE game takes 1."""
@@ -307,10 +321,13 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
                    f"{name}: expected True or False, got {getattr(self, name)!r}")
         _check(not (self.label_smoothing and self.loss == "wgan-gp"),
                "label_smoothing: only with loss='nonsaturating' (a WGAN critic has no targets to smooth)")
-        for name in ("gp_weight", "r1_weight"):
+        for name in ("gp_weight", "r1_weight", "coverage_weight"):
             value = getattr(self, name)
-            _check(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0,
-                   f"{name}: expected a finite number >= 0, got {value!r}")
+            _check((name == "coverage_weight" and value == "auto")
+                   or (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                       and value >= 0),
+                   f"{name}: expected {'auto or ' if name == 'coverage_weight' else ''}a finite number >= 0, "
+                   f"got {value!r}")
         _check(isinstance(self.learning_rate, (int, float)) and 0 < self.learning_rate < 1,
                f"learning_rate: expected a number in (0, 1), got {self.learning_rate!r}")
         _check(isinstance(self.generator_ema, (int, float)) and 0 <= self.generator_ema < 1,
@@ -402,7 +419,7 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
                              r1_weight=self.r1_weight, latent_dim=self.latent_dim_, num_classes=k,
                              betas=(0.5, 0.9) if self.loss == "wgan-gp" else (0.5, 0.999),
                              fourier_anneal=self.fourier_anneal if self.fourier_features_ else 0.0,
-                             ema=float(self.generator_ema))
+                             ema=float(self.generator_ema), coverage_weight=self.coverage_weight_)
         with distributed_from_env(device) as dist, _one_cpu_thread(device):
             g = dist.wrap(generator.to(device).train(), device)
             dsc = dist.wrap(discriminator.to(device).train(), device)

@@ -86,3 +86,20 @@ def r1_penalty(real_logits: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     """1/2 E ||grad_x l(x)||^2 at the real rows (``real`` must require grad before l was computed)."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
     return 0.5 * grad.reshape(len(real_logits), -1).pow(2).sum(dim=1).mean()
+
+
+def coverage_loss(real: torch.Tensor, fake: torch.Tensor, real_onehot: torch.Tensor | None = None,
+                  fake_onehot: torch.Tensor | None = None) -> torch.Tensor:
+    """IMLE's coverage term (Li and Malik 2018): E_x min_j ||x - G(z_j)||^2 over the batch's fakes.
+
+    Every real row pulls its nearest fake towards it, so a mode that the generator has dropped
+    (whose rows the adversarial loss no longer sees any fake near) still sends a gradient.
+    Conditional: a row's nearest fake is sought among the fakes of its own class only.
+    """
+    distances = torch.cdist(real.flatten(1), fake.flatten(1)).pow(2)
+    if real_onehot is not None:
+        same = real_onehot @ fake_onehot.T.to(real_onehot.dtype)
+        distances = torch.where(same > 0.5, distances, torch.full_like(distances, float("inf")))
+    nearest = distances.amin(dim=1)
+    return nearest[torch.isfinite(nearest)].mean() if real_onehot is not None else nearest.mean()
+

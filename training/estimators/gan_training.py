@@ -6,7 +6,9 @@ One iteration (Goodfellow et al. 2014, Algorithm 1, with the stabilisers of ``ga
    z ~ N(0, I) with the *same* labels, and a step down the discriminator's loss (BCE, or the WGAN
    critic loss + gradient penalty), plus R1 on the real rows if asked;
 2. one step down the generator's loss on fresh z (non-saturating -log D(G(z)), feature
-   matching, or -critic).
+   matching, or -critic), plus ``coverage_weight`` times IMLE's coverage term (each real row of
+   the batch pulls its nearest fake towards it: a dropped mode keeps sending the generator a
+   gradient, which the adversarial loss alone stops doing once no fake lands near it).
 
 Batches are drawn from an endless stream of epochs, each a permutation sharded over the torchrun
 ranks (``Distributed.shard``), so every rank sees its own rows and DDP averages the gradients.
@@ -49,6 +51,8 @@ class TrainConfig:
     fourier_anneal: float = 0.0
     # Decay of the exponential moving average of the generator's weights (0 = off).
     ema: float = 0.0
+    # Weight of the IMLE coverage term added to the generator's loss (0 = off).
+    coverage_weight: float = 0.0
     log_points: int = 100
 
 
@@ -128,6 +132,8 @@ def train_gan(generator: nn.Module, discriminator: nn.Module, x: torch.Tensor, y
         else:
             g_out = critic(fake, onehot)
             g_loss = losses.wasserstein_generator_loss(g_out) if wgan else losses.generator_loss(g_out)
+        if config.coverage_weight:
+            g_loss = g_loss + config.coverage_weight * losses.coverage_loss(real, fake, onehot, onehot)
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()

@@ -105,6 +105,30 @@ def test_r1_penalty_by_hand():
     assert float(losses.r1_penalty(logits, real).detach()) == pytest.approx(0.5 * 25.0, rel=1e-6)
 
 
+def test_coverage_loss_by_hand():
+    real = torch.tensor([[0.0, 0.0], [3.0, 0.0]])
+    fake = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]], requires_grad=True)
+    # squared distances to the nearest fake: row 0 -> (1, 0) at 1; row 1 -> (3, 1) at 1
+    loss = losses.coverage_loss(real, fake)
+    assert float(loss.detach()) == pytest.approx(1.0)
+    # only each real row's nearest fake is pulled, towards that row: d/df (1/2)||x - f||^2 summed
+    loss.backward()
+    assert fake.grad.tolist() == [[1.0, 0.0], [0.0, 0.0], [0.0, 1.0]]
+    # conditional: a row's nearest fake among its own class only
+    eye = torch.eye(2)
+    real_labels, fake_labels = eye[[0, 1]], eye[[1, 0, 0]]
+    # row 0 (class 0) -> fakes 1, 2: min(4, 10) = 4; row 1 (class 1) -> fake 0: 4
+    assert float(losses.coverage_loss(real, fake.detach(), real_labels, fake_labels)) == pytest.approx(4.0)
+
+
+def test_coverage_weight_auto_is_on_for_low_dimensional_mlp_rows_only():
+    rows = quick(steps=2).fit(np.random.default_rng(0).normal(size=(100, 2)))
+    assert rows.fitted_params()["coverage_weight"] == 1.0
+    wide = quick(steps=2).fit(np.random.default_rng(0).normal(size=(100, 16)))
+    assert wide.fitted_params()["coverage_weight"] == 0.0
+    assert quick(steps=2, coverage_weight=0.25).fit(np.zeros((100, 2))).fitted_params()["coverage_weight"] == 0.25
+
+
 # ---- layers ---------------------------------------------------------------------------------
 
 def test_minibatch_discrimination_shapes_and_batch_dependence():
@@ -295,6 +319,8 @@ def test_calibration_uses_rows_held_out_of_the_fit():
     (dict(architecture="conv"), "not a square image"),
     (dict(resample=0), "resample: expected a positive integer"),
     (dict(classifier_steps=0), "classifier_steps: expected a positive integer"),
+    (dict(coverage_weight=-1.0), "coverage_weight: expected auto or a finite number >= 0"),
+    (dict(coverage_weight="most"), "coverage_weight: expected auto or a finite number >= 0"),
 ])
 def test_parameters_are_validated(params, message):
     x = np.random.default_rng(0).normal(size=(100, 3))
