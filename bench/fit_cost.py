@@ -1,5 +1,10 @@
-"""Fit cost: wall time and peak memory to fit each genserve family on digits, and to build the
-demo repository (``training.demo.build_demo_repository`` into a temporary folder).
+"""Fit cost: wall time and peak memory to fit each genserve family, and to build the demo
+repository (``training.demo.build_demo_repository`` into a temporary folder).
+
+Recipes (``fit_recipes``): the classical density families on digits exactly as in D1 (their own
+searches: KDE "cv", kNN k="auto", GMM "auto"); every other family (histogram, hmm, vae, fvbn,
+cyclegan, gan) with its demo model's dataset and hyper-parameters (``training.demo.DEMO_MODELS``),
+which is what a user's ``make demo`` trains.
 
 Method. Every measurement runs in a fresh child process (this script re-invoked with
 ``--child-family NAME`` or ``--child-demo DIR``), so one fit's memory cannot hide behind
@@ -15,10 +20,10 @@ another's. Inside the child:
 
 The parent also reads ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` after each child as a
 cross-check (it is the largest child so far, so it only ever grows). Fit timings are medians of
-``--repeats`` children; peaks are the largest of them. Families are created exactly as in D1
-(their own searches: KDE "cv", kNN k="auto", GMM "auto"); torch uses its default threads.
+``--repeats`` children; peaks are the largest of them. torch uses its default threads (the
+neural families cap them to what their steps pay for, as in ``genserve train``).
 
-    python bench/fit_cost.py [--repeats 3] [--families gaussian,kde] [--skip-demo]
+    python bench/fit_cost.py [--repeats 3] [--families gaussian,kde,vae] [--skip-demo]
 """
 
 from __future__ import annotations
@@ -35,8 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import DIGITS_FAMILY_PARAMS, HISTOGRAM_NA, REPO_ROOT, log, other_families, machine_info, machine_line, print_table, \
-    write_results
+from common import DIGITS_FAMILY_PARAMS, REPO_ROOT, log, machine_info, machine_line, print_table, write_results
 
 MIB_PER_KIB = 1 / 1024
 
@@ -50,24 +54,36 @@ def _cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def fit_recipes() -> dict[str, tuple[str, dict[str, Any]]]:
+    """family -> (dataset, hyper-parameters): D1's digits recipe, else the family's demo model's."""
+    from training import registry
+    from training.demo import DEMO_MODELS
+
+    recipes = {name: ("digits", params) for name, params in DIGITS_FAMILY_PARAMS.items() if name != "histogram"}
+    for family, data, params in DEMO_MODELS.values():
+        recipes.setdefault(family, (data, params))
+    return {name: recipes[name] for name in registry.FAMILIES if name in recipes}
+
+
 def child_family(name: str) -> dict[str, Any]:
     import warnings
 
     import torch
     from training import datasets, registry
 
-    data = datasets.digits()
+    data_name, params = fit_recipes()[name]
+    data = datasets.load(data_name)
     spec = registry.get(name)
-    estimator = spec.create(**DIGITS_FAMILY_PARAMS.get(name, {}))
+    estimator = spec.create(**{**params, "verbose": False} if "verbose" in spec.estimator_class().get_params()
+                            else params)
     baseline, cpu0 = _rss_kib(), _cpu_s()
     started = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            estimator.fit(data.X_train)
+            estimator.fit_dataset(data)
     except ValueError as refused:
-        return {"status": "n/a" if name == "histogram" else "error", "note": str(refused),
-                "baseline_kib": baseline, "peak_kib": _rss_kib()}
+        return {"status": "error", "note": str(refused), "baseline_kib": baseline, "peak_kib": _rss_kib()}
     fit_s = time.perf_counter() - started
     cpu_s = _cpu_s() - cpu0
     chosen = estimator.fitted_params()
@@ -76,7 +92,8 @@ def child_family(name: str) -> dict[str, Any]:
     if "bandwidth_" in chosen:
         shown["bandwidth"] = chosen["bandwidth_"]
     return {"status": "ok", "fit_s": fit_s, "cpu_s": cpu_s, "baseline_kib": baseline, "peak_kib": _rss_kib(),
-            "chosen": shown, "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
+            "data": data_name, "train_rows": len(data.X_train), "chosen": shown,
+            "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()}
 
 
 def child_demo(folder: str) -> dict[str, Any]:
@@ -112,8 +129,8 @@ def mib(kib: float | None) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", default=",".join(DIGITS_FAMILY_PARAMS),
-                        help=f"comma-separated (default: {', '.join(DIGITS_FAMILY_PARAMS)})")
+    parser.add_argument("--families", default=",".join(fit_recipes()),
+                        help=f"comma-separated (default: every family, {', '.join(fit_recipes())})")
     parser.add_argument("--repeats", type=int, default=3, help="children per family (median time, max peak)")
     parser.add_argument("--demo-repeats", type=int, default=1, help="demo builds (each from empty)")
     parser.add_argument("--skip-demo", action="store_true")
@@ -130,7 +147,10 @@ def main() -> None:
 
     info = machine_info()
     families = [f.strip() for f in args.families.split(",") if f.strip()]
-    skipped = [f for f in other_families() if f not in families]
+    unknown = sorted(set(families) - set(fit_recipes()))
+    if unknown:
+        parser.error(f"--families: no recipe for {unknown}; expected some of {list(fit_recipes())}")
+    skipped = [f for f in fit_recipes() if f not in families]
     rows: list[dict[str, Any]] = []
     for name in families:
         runs = []
@@ -142,7 +162,7 @@ def main() -> None:
             if answer["status"] != "ok":
                 break  # refused or failed: once is enough
         ok = [r for r in runs if r["status"] == "ok"]
-        row: dict[str, Any] = {"what": f"fit {name} on digits", "family": name, "runs": runs,
+        row: dict[str, Any] = {"what": f"fit {name} on {fit_recipes()[name][0]}", "family": name, "runs": runs,
                                "status": runs[-1]["status"]}
         if ok:
             row.update(seconds=statistics.median(r["fit_s"] for r in ok),
@@ -152,8 +172,7 @@ def main() -> None:
                        extra_mib=mib(max(r["peak_kib"] - r["baseline_kib"] for r in ok)),
                        chosen=ok[-1]["chosen"], repeats=len(ok))
         else:
-            row["note"] = (f"{HISTOGRAM_NA} ({runs[-1].get('note', '')})" if name == "histogram"
-                           else runs[-1].get("note", ""))
+            row["note"] = runs[-1].get("note", "")
         rows.append(row)
 
     if not args.skip_demo:
