@@ -212,8 +212,7 @@ class GenerativeAdversarialNetwork(GenerativeEstimator):
                  minibatch_discrimination: bool = False, gp_weight: float = 10.0, r1_weight: float = 0.0125,
                  steps: int = 3000, batch_size: int = 256, d_steps: int | None = None,
                  learning_rate: float = 1e-3, generator_ema: float = 0.0, coverage_weight: float | str = "auto",
-                 resample: int = 16,
-                 classifier_steps: int = 1000, conditional: bool = False,
+                 resample: int = 16, classifier_steps: int = 1000, conditional: bool = False,
                  calibration_fraction: float = 0.1, device: str = "auto", random_state: int = 0,
                  verbose: bool = True):
         self.architecture = architecture

@@ -96,10 +96,10 @@ def coverage_loss(real: torch.Tensor, fake: torch.Tensor, real_onehot: torch.Ten
     (whose rows the adversarial loss no longer sees any fake near) still sends a gradient.
     Conditional: a row's nearest fake is sought among the fakes of its own class only.
     """
-    distances = torch.cdist(real.flatten(1), fake.flatten(1)).pow(2)
+    # explicit differences, not torch.cdist: its square root has no gradient at distance 0
+    distances = (real.flatten(1).unsqueeze(1) - fake.flatten(1).unsqueeze(0)).pow(2).sum(dim=2)
     if real_onehot is not None:
         same = real_onehot @ fake_onehot.T.to(real_onehot.dtype)
         distances = torch.where(same > 0.5, distances, torch.full_like(distances, float("inf")))
     nearest = distances.amin(dim=1)
     return nearest[torch.isfinite(nearest)].mean() if real_onehot is not None else nearest.mean()
-
