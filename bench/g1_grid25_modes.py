@@ -14,7 +14,7 @@ Recipes (``--recipes``), each a set of ``gan`` hyper-parameters (the registry's 
 * ``default`` — the family's default recipe: tanh MLP generator (z in 2-D), PacGAN4 discriminator
   on coarse-to-fine Fourier features (128 frequencies switched on over the first 75 % of the
   steps), non-saturating loss with R1 = 0.0125, 3,000 steps of 256 rows, Adam 1e-3 (beta1 0.5)
-  decaying linearly to 0, and IMLE's coverage term at weight 1 in the generator's loss (each real
+  decaying linearly to 0, and IMLE's coverage term at weight 3 in the generator's loss (each real
   row of a batch pulls its nearest fake); then importance resampling: a per-sample classifier of real rows vs the
   frozen generator's samples (the same Fourier MLP, unpacked, 1,000 steps) weighs 16 candidates
   per served sample, and the sample graph picks one with probability softmax(logits);

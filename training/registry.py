@@ -131,7 +131,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             Option("--r1-weight", "r1_weight", float, "gamma of the R1 penalty on real rows (0 = off)"),
             Option("--coverage-weight", "coverage_weight", _number_or(float, "auto"),
                    "weight of the IMLE coverage term in the generator's loss: each real row pulls its "
-                   "nearest fake (0 = off; auto: 1 for mlp on rows with d <= 3)"),
+                   "nearest fake (0 = off; auto: 3 for mlp on rows with d <= 3)"),
             Option("--steps", "steps", int, "generator updates"),
             Option("--batch-size", "batch_size", int, "rows per step (per process under torchrun)"),
             Option("--d-steps", "d_steps", int, "discriminator steps per generator step (default 1; 5 for wgan-gp)"),

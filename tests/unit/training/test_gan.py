@@ -123,7 +123,7 @@ def test_coverage_loss_by_hand():
 
 def test_coverage_weight_auto_is_on_for_low_dimensional_mlp_rows_only():
     rows = quick(steps=2).fit(np.random.default_rng(0).normal(size=(100, 2)))
-    assert rows.fitted_params()["coverage_weight"] == 1.0
+    assert rows.fitted_params()["coverage_weight"] == 3.0
     wide = quick(steps=2).fit(np.random.default_rng(0).normal(size=(100, 16)))
     assert wide.fitted_params()["coverage_weight"] == 0.0
     assert quick(steps=2, coverage_weight=0.25).fit(np.zeros((100, 2))).fitted_params()["coverage_weight"] == 0.25
