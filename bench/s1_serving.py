@@ -309,6 +309,7 @@ FLOOR_SERVER = textwrap.dedent("""
     sharing the port (SO_REUSEPORT), as genserve --workers does.\"\"\"
     import argparse
     import asyncio
+    import signal
     import subprocess
     import sys
 
@@ -354,6 +355,7 @@ FLOOR_SERVER = textwrap.dedent("""
         parser.add_argument("--port", type=int, required=True)
         parser.add_argument("--workers", type=int, default=1)
         args = parser.parse_args()
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the copies are stopped too
         others = [subprocess.Popen([sys.executable, __file__, "--port", str(args.port)])
                   for _ in range(args.workers - 1)]
         try:
