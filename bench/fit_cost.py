@@ -204,7 +204,8 @@ def main() -> None:
           "(all threads; less sensitive than wall time to other processes' load on a shared machine)."
           + (f"\n\nRegistered families not fitted here: {', '.join(skipped)} (pass --families to include one); "
              "the demo build includes whatever training.demo.DEMO_MODELS lists." if skipped else ""))
-    print_table("digits (1,257 training rows, 64 dimensions); demo = every model of training.demo.DEMO_MODELS",
+    print_table("classical families on digits (1,257 training rows, 64 dimensions) as in D1; the others with "
+                "their demo recipe; demo = every model of training.demo.DEMO_MODELS",
                 ["what", "chosen", "wall s (median)", "CPU s (median)", "runs", "baseline RSS MiB", "peak RSS MiB",
                  "extra MiB", "note"],
                 [[r["what"], ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
