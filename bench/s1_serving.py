@@ -554,6 +554,8 @@ def main() -> None:
     parser.add_argument("--batches", default=",".join(map(str, BATCHES)))
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
     parser.add_argument("--genserve-args", default="", help="extra flags for genserve serve (all genserve rows)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds over every cell; tables show the median of each figure over the rounds")
     parser.add_argument("--name", default="s1_serving", help="results file stem")
     args = parser.parse_args()
     if args.client_spec:
@@ -567,7 +569,8 @@ def main() -> None:
     cells = [{"batch": b, "concurrency": c} for b in batches for c in concurrency]
     info = machine_info()
     load_before = os.getloadavg()
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = []  # medians over the rounds
+    rounds: list[dict[str, Any]] = []  # every measured cell of every round
     failures: dict[str, str] = {}
     inproc: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="genserve-s1-") as tmp:
@@ -621,7 +624,10 @@ def main() -> None:
                         log(f"  {system} failed: {exc}")
                         stop_process(process)
                         del servers[system]
-                plan = [{**cell, "system": system, "target": target, "model": g["model"], "channels": channels}
+                # --repeats rounds, each over every cell with the systems taking turns: a slow spell
+                # of the machine lands in one round, and the median over rounds leaves it out.
+                plan = [{**cell, "system": system, "target": target, "model": g["model"], "channels": channels,
+                         "round": r} for r in range(args.repeats)
                         for cell in cells for system, (_, target, _, channels) in servers.items()]
                 if plan:
                     pids = {system: process.pid for system, (process, *_rest) in servers.items()}
@@ -629,9 +635,10 @@ def main() -> None:
                         measured = drive_h2load(plan, pids, g["dim"], args.warmup, args.duration, workdir)
                     else:
                         measured = drive(plan, pids, g["dim"], args.warmup, args.duration)
-                    for r in measured:
-                        r["graph"] = key
-                        rows.append(r)
+                    for r, cell in zip(measured, plan):
+                        r.update(graph=key, round=cell["round"])
+                    rounds.extend(measured)
+                    rows.extend(median_cells(measured))
             except Exception as exc:
                 failures[f"client/{key}"] = f"{type(exc).__name__}: {exc}"
                 log(f"  the client failed: {exc}")
@@ -639,7 +646,25 @@ def main() -> None:
                 for process, *_rest in servers.values():
                     stop_process(process)
         graph_info = {k: {"what": g["what"], "opset": g["opset"], "model": g["model"]} for k, g in graphs.items()}
-    report(rows, inproc, graph_info, failures, info, args, load_before)
+    report(rows, rounds, inproc, graph_info, failures, info, args, load_before)
+
+
+def median_cells(measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (graph, system, batch, concurrency): the median of every figure over the rounds
+    (errors summed), in the order the cells first ran."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in measured:
+        groups.setdefault((r["graph"], r["system"], r["batch"], r["concurrency"]), []).append(r)
+    rows = []
+    for runs in groups.values():
+        row = {**runs[0], "rounds": len(runs), "errors": sum(r["errors"] for r in runs),
+               "first_error": next((r["first_error"] for r in runs if r["first_error"]), "")}
+        row.pop("round", None)
+        for key in ("seconds", "requests", "requests_per_s", "rows_per_s", "p50_ms", "p99_ms", "client_cpu_s",
+                    "server_cpu_s", "client_cpu_pct", "server_cpu_pct"):
+            row[key] = float(np.median([r[key] for r in runs]))
+        rows.append(row)
+    return rows
 
 
 def _cell(rows: list[dict], graph: str, system: str, batch: int, conc: int) -> dict | None:
@@ -647,10 +672,11 @@ def _cell(rows: list[dict], graph: str, system: str, batch: int, conc: int) -> d
                  (graph, system, batch, conc)), None)
 
 
-def report(rows, inproc, graphs, failures, info, args, load_before) -> None:
+def report(rows, rounds, inproc, graphs, failures, info, args, load_before) -> None:
     load_after = os.getloadavg()
     print(f"## S1 — serving throughput and latency (CPU)\n\n{machine_line(info)}\n\n"
-          f"Cells: {args.warmup:g} s warm-up + {args.duration:g} s timed, one client process "
+          f"Cells: {args.warmup:g} s warm-up + {args.duration:g} s timed"
+          + (f", {args.repeats} rounds (medians shown)" if args.repeats > 1 else "") + ", one client process "
           + ("(h2load, one thread, up to 4 connections" if args.client == "h2load" else "(grpc.aio")
           + f", OIP ModelInfer, raw tensors) on loopback. CPU % is of one core (2 cores = 200 %). "
           f"`floor` = bare grpcio (parse, ready-made reply): no Python gRPC server can do better here. "
@@ -680,7 +706,8 @@ def report(rows, inproc, graphs, failures, info, args, load_before) -> None:
         print(f"\n**{key} did not run:** {why}")
     write_results(args.name, {"protocol": "BENCHMARKS.md S1", "client": args.client,
                               "warmup_s": args.warmup, "duration_s": args.duration,
-                              "graphs": graphs, "served": rows, "in_process": inproc, "goals": goals,
+                              "repeats": args.repeats, "graphs": graphs, "served": rows, "rounds": rounds,
+                              "in_process": inproc, "goals": goals,
                               "failures": failures, "load_average_before_after": [load_before, load_after],
                               "gpu": "none lent"}, info)
 
