@@ -29,9 +29,10 @@ DEMO_MODELS: dict[str, tuple[str, str, dict]] = {
     # thin <-> bold digits (C1); lighter than the benchmark recipe: 32 channels, 40 epochs at 3e-3
     "digits-cyclegan": ("cyclegan", "digits-bold", {"width": 32, "epochs": 40, "decay_epochs": 20,
                                                     "learning_rate": 3e-3}),
-    # the G1 recipe (PacGAN4, coarse-to-fine Fourier discriminator, tanh generator, IMLE coverage
-    # term, resampling of 16 candidates by a per-sample classifier) at half its GAN steps
-    "grid25-gan": ("gan", "grid25", {"steps": 1500}),
+    # the G1 recipe as it is (PacGAN4, coarse-to-fine Fourier discriminator, tanh generator, IMLE
+    # coverage term, resampling of 16 candidates by a per-sample classifier): on the demo's 2,000
+    # rows half its steps left 24 of 25 modes, all of them gave 25 (98.96 % high-quality)
+    "grid25-gan": ("gan", "grid25", {}),
 }
 
 
