@@ -47,7 +47,9 @@ _SERVE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("max_queue_size", "--max-queue-size", int, "requests waiting per graph before RESOURCE_EXHAUSTED, default 1024"),
     ("graph_instances", "--graph-instances", int, "onnxruntime sessions per graph, default 1"),
     ("inline_budget_us", "--inline-budget-us", float,
-     "cheap merged runs up to this many microseconds run on the event loop, default 100; 0 = never"),
+     "cheap merged runs up to this many microseconds run on the event loop, default 500; 0 = never"),
+    ("inline_gather_us", "--inline-gather-us", float,
+     "such a run waits for a busy event loop's other requests up to this many microseconds, default 2000"),
     ("graph_optimization_level", "--graph-optimization-level", str, "disable, basic, extended or all (default)"),
     ("reload_interval_s", "--reload-interval", float, "seconds between repository polls for new versions, "
                                                       "default 5; 0 = never"),

@@ -106,10 +106,14 @@ class Settings(BaseSettings):
                                                   "arrived; 0 = run what is queued as soon as a runner is free")
     max_queue_size: int = Field(default=1024, ge=1,
                                 description="requests waiting per graph; more get RESOURCE_EXHAUSTED")
-    inline_budget_us: float = Field(default=100.0, ge=0.0, le=10_000.0,
+    inline_budget_us: float = Field(default=500.0, ge=0.0, le=10_000.0,
                                     description="a merged batch estimated to run within this many microseconds, "
                                                 "of a graph cheap per row, runs on the event loop (no thread "
                                                 "hand-over); 0 = always on the runner threads")
+    inline_gather_us: float = Field(default=2000.0, ge=0.0, le=100_000.0,
+                                    description="such a batch waits while the event loop is busy with other work "
+                                                "(more requests on their way), at most this many microseconds "
+                                                "after its oldest request; an idle loop runs it at once")
     graph_instances: int = Field(default=1, ge=1, description="onnxruntime sessions per graph (e.g. 2 on a GPU)")
     graph_optimization_level: Literal["disable", "basic", "extended", "all"] = Field(
         default="all", description="onnxruntime graph optimisation level")

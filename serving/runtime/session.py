@@ -80,6 +80,7 @@ class RuntimeOptions:
     runners: int = 1  # runner threads per graph
     run_slots: int = 0  # session runs at once across the server; 0 = unbounded
     inline_budget_us: float = 0.0  # cheapest merged runs happen on the event loop (see batching)
+    inline_gather_us: float = 2000.0  # ... after gathering a busy loop's requests this long at most
     warm_up: bool = True
 
     @classmethod
@@ -96,7 +97,7 @@ class RuntimeOptions:
                    graph_instances=settings.graph_instances, max_batch_size=settings.chunk_rows,
                    max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
                    runners=settings.worker_threads, run_slots=settings.worker_threads, warm_up=settings.warm_up,
-                   inline_budget_us=settings.inline_budget_us)
+                   inline_budget_us=settings.inline_budget_us, inline_gather_us=settings.inline_gather_us)
 
 
 @dataclass
@@ -132,7 +133,8 @@ class SessionFactory:
                 delay_ms = batching.max_queue_delay_ms
         return BatchPolicy(max_batch_size=max_rows, max_queue_delay_s=delay_ms / 1000.0,
                            max_queue_size=o.max_queue_size, runners=max(o.runners, o.graph_instances),
-                           batchable=batchable, inline_budget_s=o.inline_budget_us / 1e6 if delay_ms == 0 else 0.0)
+                           batchable=batchable, inline_budget_s=o.inline_budget_us / 1e6 if delay_ms == 0 else 0.0,
+                           inline_gather_s=o.inline_gather_us / 1e6)
 
     def session_options(self) -> ort.SessionOptions:
         so = ort.SessionOptions()

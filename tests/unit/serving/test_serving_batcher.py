@@ -215,3 +215,57 @@ def test_cheap_batches_run_on_the_event_loop_merged_per_iteration():
     expensive = Batcher("m", "g", run, policy, seconds_per_row=1e-3)  # never on the loop
     asyncio.run(expensive.infer({"x": arrays[0]}))
     assert threads[-1].startswith("genserve-batch")
+
+
+def test_inline_batch_gathers_requests_while_the_loop_is_busy():
+    """Requests reaching the batcher in different loop iterations share one run while the loop has
+    other work ready (gRPC delivers one request per wake-up); an idle loop runs a lone request at once."""
+    import asyncio
+
+    session = FakeSession()
+    policy = BatchPolicy(max_batch_size=64, runners=2, inline_budget_s=1e-3, inline_gather_s=30.0)
+    batcher = Batcher("m", "g", session, policy, seconds_per_row=1e-7, overhead_s=1e-5)
+
+    async def late(i: int):
+        for _ in range(i):  # arrive i iterations after the first
+            await asyncio.sleep(0)
+        return await batcher.infer({"x": np.full((1, 3), i, np.float32)})
+
+    async def busy_then_lone():
+        results = await asyncio.gather(*(late(i) for i in range(10)))
+        started = time.monotonic()
+        await batcher.infer({"x": np.ones((1, 3), np.float32)})
+        return results, time.monotonic() - started
+
+    results, lone_seconds = asyncio.run(busy_then_lone())
+    for i, (y, _) in enumerate(results):
+        np.testing.assert_array_equal(y, np.full((1, 3), 2 * i, np.float32))
+    assert session.runs == [10, 1]  # without the gathering: ten runs of one row
+    assert lone_seconds < 5.0  # nothing else ready: no wait for the 30 s gather limit
+
+
+def test_inline_gathering_stops_at_its_time_limit():
+    import asyncio
+
+    session = FakeSession()
+    policy = BatchPolicy(max_batch_size=64, runners=2, inline_budget_s=1e-3, inline_gather_s=0.0)
+    batcher = Batcher("m", "g", session, policy, seconds_per_row=1e-7, overhead_s=1e-5)
+
+    async def late(i: int):
+        for _ in range(i):
+            await asyncio.sleep(0)
+        return await batcher.infer({"x": np.full((1, 3), i, np.float32)})
+
+    async def spread():
+        return await asyncio.gather(*(late(i) for i in range(5)))
+
+    asyncio.run(spread())
+    assert session.runs == [1, 1, 1, 1, 1]  # gather limit 0: each runs in the iteration it arrived
+
+
+def test_cost_correction_follows_the_median_not_an_outlier():
+    """One run descheduled for 50x its cost must not push the next estimates off by that much."""
+    batcher = Batcher("m", "g", FakeSession(), BatchPolicy(), seconds_per_row=1e-6, overhead_s=1e-5)
+    for i in range(400):
+        batcher._learn(10, 3 * 2e-5 * (50 if i % 10 == 0 else 1))  # typical run: 3x the model
+    assert 2.5 < batcher.estimate(10) / 2e-5 < 3.6
