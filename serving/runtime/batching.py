@@ -212,6 +212,9 @@ class Batcher:
     def _key(self, feeds: dict[str, np.ndarray]) -> object:
         if not self.policy.batchable:
             return object()  # never equal to another request's key: never merged
+        if len(feeds) == 1:  # the common case, once per request: no sort, no generator
+            for name, a in feeds.items():
+                return ((name, a.dtype.str, a.shape[1:]),)
         return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
 
     def _pieces(self, request: _Request, key: object) -> list[_Piece]:
@@ -501,33 +504,30 @@ class Batcher:
         infer_s = computed - computed_start
         self._learn(rows, infer_s)
         offset = 0
-        finished: list[_Request] = []
         for piece in batch:
-            request = piece.request
             if self.policy.batchable and len(batch) > 1:
-                request.parts[piece.index] = [out[offset:offset + piece.rows] for out in outputs]
+                piece.request.parts[piece.index] = [out[offset:offset + piece.rows] for out in outputs]
             else:
-                request.parts[piece.index] = list(outputs)
+                piece.request.parts[piece.index] = list(outputs)
             offset += piece.rows
-            with self._cond:
+        answered: list[_Request] = []  # complete now, and not answered already (dropped, failed)
+        with self._cond:  # one lock for the batch, not one per request
+            for piece in batch:
+                request = piece.request
                 request.pending -= 1
-                last = request.pending == 0
-            if last:
-                finished.append(request)
+                if request.pending == 0 and not request.done:
+                    request.done = True
+                    answered.append(request)
         split_done = time.monotonic()
         self._record(batch, rows, merged - started, infer_s, split_done - computed, observers)
         async_results: dict[asyncio.AbstractEventLoop, list] = {}
-        for request in finished:
-            with self._cond:
-                if request.done:
-                    continue
-                request.done = True
+        self._count_success(answered)
+        for request in answered:
             parts = request.parts
             if len(parts) == 1:
                 result = parts[0]
             else:
                 result = [np.concatenate([p[i] for p in parts], axis=0) for i in range(len(parts[0]))]
-            self._count_success(request)
             if request.future is not None:
                 request.future.set_result(result)
             elif request.loop is not None:
@@ -592,11 +592,12 @@ class Batcher:
                         slot[0] += 1
                         slot[1] += value
 
-    def _count_success(self, request: _Request) -> None:
+    def _count_success(self, requests: list[_Request]) -> None:
+        now = time.monotonic()
         s = self.stats
         with s.lock:
-            s.success[0] += 1
-            s.success[1] += int((time.monotonic() - request.submitted) * 1e9)
+            s.success[0] += len(requests)
+            s.success[1] += int(sum(now - r.submitted for r in requests) * 1e9)
 
     def _fail(self, batch: Sequence[_Piece], error: Exception) -> None:
         for piece in batch:

@@ -89,6 +89,11 @@ class TensorInfo:
     shape: tuple[int, ...]  # with the batch axis (-1) first
     optional: bool = False  # a noise input the server draws when it is omitted
 
+    def __post_init__(self) -> None:
+        # The common signature, [-1, fixed...], checked by one tuple comparison (decode_input).
+        tail = self.shape[1:]
+        object.__setattr__(self, "fixed_tail", tail if self.shape[:1] == (-1,) and -1 not in tail else None)
+
 
 @dataclass
 class Endpoint:
@@ -108,6 +113,8 @@ class Endpoint:
         self.output_names = [t.name for t in self.outputs]
         self.graph_outputs = [t.name for t in self.graph.spec.outputs]
         self.noise_inputs = [t for t in self.graph.spec.inputs if t.noise is not None]
+        self.required = frozenset(t.name for t in self.inputs if not t.optional)
+        self.model_name = self.model.name
 
 
 def _primary_graph(model: LoadedModel) -> str:
@@ -192,12 +199,14 @@ def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
 
 def decode_input(tensor: Any, info: TensorInfo, raw: bytes | None) -> np.ndarray:
     """One request input as a NumPy array (a read-only view on raw bytes when given)."""
-    name = tensor.name
+    name = info.name
     if tensor.datatype != info.datatype:
         raise InvalidArgument(f"{name}.datatype: expected {info.datatype}, got {tensor.datatype or 'nothing'}")
-    shape = [int(d) for d in tensor.shape]
-    if len(shape) != len(info.shape) or any(e != -1 and e != d for e, d in zip(info.shape, shape)) \
-            or any(d < 0 for d in shape):
+    shape = tuple(tensor.shape)
+    if not (info.fixed_tail is not None and len(shape) == len(info.shape) and shape[1:] == info.fixed_tail
+            and shape[0] >= 0) and (
+            len(shape) != len(info.shape) or any(e != -1 and e != d for e, d in zip(info.shape, shape))
+            or any(d < 0 for d in shape)):
         raise InvalidArgument(f"{name}.shape: expected {_shape_text(info.shape)} (-1 = any size), got "
                               f"{_shape_text(shape)}")
     dtype = NUMPY_OF[info.datatype]
@@ -427,29 +436,31 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(self, repository: Repository, request: Any, ctx: RunContext) -> pb.ModelInferResponse:
         """One ModelInfer request (shared by the unary and the streaming call)."""
         e = resolve(repository, request.model_name, request.model_version)
-        ctx.model = e.model.name
+        ctx.model = e.model_name
         infos = e.by_name
+        inputs = request.inputs
         raw = request.raw_input_contents
-        if raw and len(raw) != len(request.inputs):
-            raise InvalidArgument(f"raw_input_contents: expected one entry per input ({len(request.inputs)}), "
+        if raw and len(raw) != len(inputs):
+            raise InvalidArgument(f"raw_input_contents: expected one entry per input ({len(inputs)}), "
                                   f"got {len(raw)}")
         feeds: dict[str, np.ndarray] = {}
-        for i, tensor in enumerate(request.inputs):
-            info = infos.get(tensor.name)
+        for i, tensor in enumerate(inputs):
+            name = tensor.name
+            info = infos.get(name)
             if info is None:
-                raise InvalidArgument(f"inputs: model {e.name!r} has no input {tensor.name!r}; it takes "
+                raise InvalidArgument(f"inputs: model {e.name!r} has no input {name!r}; it takes "
                                       f"{[t.name for t in e.inputs]}")
-            if tensor.name in feeds:
-                raise InvalidArgument(f"inputs: {tensor.name!r} is given twice")
-            feeds[tensor.name] = decode_input(tensor, info, raw[i] if raw else None)
-        missing = [t.name for t in e.inputs if t.name not in feeds and not t.optional]
-        if missing:
+            if name in feeds:
+                raise InvalidArgument(f"inputs: {name!r} is given twice")
+            feeds[name] = decode_input(tensor, info, raw[i] if raw else None)
+        if not e.required <= feeds.keys():
+            missing = [t.name for t in e.inputs if t.name not in feeds and not t.optional]
             raise InvalidArgument(f"inputs: model {e.name!r} needs {missing} (given {sorted(feeds)})")
         rows = self._rows(e, feeds, request)
         if e.check_finite:
             for name, array in feeds.items():
                 _check_finite(name, array)
-        absent_noise = [t for t in e.noise_inputs if t.name not in feeds]
+        absent_noise = [t for t in e.noise_inputs if t.name not in feeds] if e.noise_inputs else None
         if absent_noise:
             seed = _int_param(request.parameters, "seed") or 0
             if seed < 0:
@@ -467,13 +478,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             flags = ~(score <= threshold)
             results[ANOMALY_OUTPUT] = flags
             self.metrics.anomalies_detected(e.model.name, score, flags)
-        self.metrics.rows_done("ModelInfer", e.model.name, rows)
-        return self._response(e, request, results, wanted, bool(raw) or not request.inputs)
+        self.metrics.rows_done("ModelInfer", e.model_name, rows)
+        return self._response(e, request, results, wanted, bool(raw) or not inputs)
 
     def _rows(self, e: Endpoint, feeds: dict[str, np.ndarray], request: Any) -> int:
         infos = e.by_name
         batched = {name: a for name, a in feeds.items() if a.ndim and infos[name].shape[:1] == (-1,)}
-        if batched:
+        if len(batched) == 1:  # the common case: nothing to agree across inputs
+            rows = next(iter(batched.values())).shape[0]
+        elif batched:
             counts = {int(a.shape[0]) for a in batched.values()}
             if len(counts) != 1:
                 sizes = {name: int(a.shape[0]) for name, a in batched.items()}
