@@ -13,7 +13,9 @@ Policy
       first axis on every input and output, or whose outputs do not follow the batch at warm-up)
       run each request on its own, unsplit.
     * A runner thread takes the oldest waiting request and every compatible waiting request
-      behind it, up to ``max_batch_size`` rows. With ``max_queue_delay`` > 0 it first waits up to
+      behind it, up to ``max_batch_size`` rows — or fewer, once the run's fixed cost (from the
+      cost model) is under 5 % of the batch: merging further saves nothing and costs a copy and
+      the other runners' parallelism (``merge_limit``). With ``max_queue_delay`` > 0 it first waits up to
       that long after the oldest request arrived for the batch to fill (Triton's
       ``max_queue_delay_microseconds``); with 0 it runs what is there as soon as it is free, so a
       lone request pays no delay and under load batches grow on their own while the previous
@@ -34,7 +36,8 @@ Policy
       its result back costs two thread switches (and, on a busy machine, two waits in the OS run
       queue) — more than a session run of a few rows of a cheap graph. So when the batcher's cost
       model (overhead + per-row time, measured at warm-up and corrected by every run) says a
-      merged batch costs at most ``inline_budget`` (default 500 µs) and the graph is cheap per row,
+      merged batch costs at most ``inline_budget`` (default 500 µs; a request joins only if it alone
+      costs at most a quarter of that) and the graph is cheap per row,
       the requests that reached the batcher are merged and run right there, in one run. The loop
       is then blocked no longer than decoding a large request would block it; anything costlier
       (the DESIGN rule: never a long run on the loop) goes to the runner threads.
@@ -77,6 +80,13 @@ IDLE_EXIT_SECONDS = 30.0
 # below it the hand-over between threads costs more than the parallelism brings. Measured on 2
 # cores: a lone 1,024-row GMM request (~0.9 ms of compute) split in two answers ~20 % sooner.
 SPLIT_MIN_SECONDS = 0.0003
+# One request may take at most this share of the inline budget to be run on the event loop, so
+# that several merge into one inline run, and a large request of a cheap graph (1,024 GMM rows,
+# ~1 ms under load) goes to the runners, which overlap it with the loop's I/O and split it across
+# cores, instead of blocking the loop.
+INLINE_REQUEST_SHARE = 0.25
+# A runner's batch stops growing when a run's fixed cost is below this share of it (merge_limit).
+MERGE_OVERHEAD_SHARE = 0.05
 # Relative step of the cost model's correction per run (see ``Batcher._learn``).
 CORRECTION_STEP = 1.05
 
@@ -293,7 +303,7 @@ class Batcher:
     def _inline_ok(self, rows: int) -> bool:
         budget = self.policy.inline_budget_s
         return (budget > 0 and self.policy.batchable and self._per_row > 0 and rows <= self.policy.max_batch_size
-                and self._per_row * 16 <= budget / 2 and self.estimate(rows) <= budget)
+                and self._per_row * 16 <= budget / 2 and self.estimate(rows) <= budget * INLINE_REQUEST_SHARE)
 
     def _busy(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether the loop has other callbacks ready (more requests may be on their way here).
@@ -408,7 +418,7 @@ class Batcher:
                     head = self._queue[0]
                     ready_at = head.request.submitted + policy.max_queue_delay_s
                     now = time.monotonic()
-                    if now < ready_at and self._compatible_rows(head) < policy.max_batch_size:
+                    if now < ready_at and self._compatible_rows(head) < self.merge_limit():
                         self._idle += 1
                         self._cond.wait(ready_at - now)
                         self._idle -= 1
@@ -427,8 +437,21 @@ class Batcher:
     def _compatible_rows(self, head: _Piece) -> int:
         return sum(p.rows for p in self._queue if p.key == head.key)
 
-    def _form_batch(self) -> tuple[list[_Piece], list[tuple[_Request, ServingError]]]:
+    def merge_limit(self) -> int:
+        """Rows beyond which a runner stops merging requests into its batch.
+
+        ``max_batch_size``, or fewer: once a run's fixed cost is below ``MERGE_OVERHEAD_SHARE`` of
+        the batch's estimated cost, merging more saves almost nothing, yet it costs a copy of every
+        input and leaves the other runners idle (measured: 1,024-row GMM requests merged four at a
+        time ran on one runner while the second waited).
+        """
         limit = self.policy.max_batch_size
+        if self._per_row > 0 and self._overhead > 0:
+            limit = min(limit, max(1, math.ceil(self._overhead / (self._per_row * MERGE_OVERHEAD_SHARE))))
+        return limit
+
+    def _form_batch(self) -> tuple[list[_Piece], list[tuple[_Request, ServingError]]]:
+        limit = self.merge_limit()
         batch: list[_Piece] = []
         dropped: list[tuple[_Request, ServingError]] = []
         keep: deque[_Piece] = deque()

@@ -269,3 +269,25 @@ def test_cost_correction_follows_the_median_not_an_outlier():
     for i in range(400):
         batcher._learn(10, 3 * 2e-5 * (50 if i % 10 == 0 else 1))  # typical run: 3x the model
     assert 2.5 < batcher.estimate(10) / 2e-5 < 3.6
+
+
+def test_runner_stops_merging_once_the_fixed_cost_is_amortised():
+    """Two large requests run separately (each on its own runner), small ones still merge."""
+    session = FakeSession(hold=True)
+    # overhead 16 us, 0.3 us per row: merging beyond ceil(16 / (0.3 * 0.05)) = 1,067 rows saves < 5 %.
+    batcher = Batcher("m", "g", session, BatchPolicy(max_batch_size=4096, runners=1),
+                      seconds_per_row=3e-7, overhead_s=1.6e-5)
+    assert batcher.merge_limit() == 1067
+    blocker = batcher.submit({"x": np.zeros((1, 3), np.float32)})
+    assert session.entered.wait(5)  # the runner is busy: what follows queues up
+    large = [batcher.submit({"x": np.full((1024, 3), i, np.float32)}) for i in range(2)]
+    small = [batcher.submit({"x": np.full((64, 3), i, np.float32)}) for i in range(8)]
+    session.release.set()
+    for i, future in enumerate(large):
+        np.testing.assert_array_equal(future.result(5)[0], np.full((1024, 3), 2 * i, np.float32))
+    for future in small:
+        future.result(5)
+    blocker.result(5)
+    # Without the limit: [1, 2560], both large requests and the small ones in one run.
+    assert session.runs == [1, 1024, 1024, 8 * 64]
+    batcher.retire()
