@@ -223,8 +223,8 @@ class Batcher:
         if not self.policy.batchable:
             return object()  # never equal to another request's key: never merged
         if len(feeds) == 1:  # the common case, once per request: no sort, no generator
-            for name, a in feeds.items():
-                return ((name, a.dtype.str, a.shape[1:]),)
+            ((name, a),) = feeds.items()
+            return ((name, a.dtype.str, a.shape[1:]),)
         return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
 
     def _pieces(self, request: _Request, key: object) -> list[_Piece]:
@@ -305,18 +305,25 @@ class Batcher:
         return (budget > 0 and self.policy.batchable and self._per_row > 0 and rows <= self.policy.max_batch_size
                 and self._per_row * 16 <= budget / 2 and self.estimate(rows) <= budget * INLINE_REQUEST_SHARE)
 
+    def _fits_inline(self, rows: int) -> bool:
+        """Whether one inline run may hold ``rows`` rows: within max_batch_size and the budget."""
+        return rows <= self.policy.max_batch_size and self.estimate(rows) <= self.policy.inline_budget_s
+
     def _busy(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether the loop has other callbacks ready (more requests may be on their way here).
 
         asyncio's loops keep them in ``_ready``; a loop without it (uvloop) never counts as busy,
         so its inline batches run at once, as they would without gathering.
         """
-        ready = getattr(loop, "_ready", None)
-        return bool(ready)
+        return bool(getattr(loop, "_ready", None))
 
     def _drain_inline(self, loop: asyncio.AbstractEventLoop) -> None:
-        """On the event loop: merge and run the inline requests (gathering while the loop is busy)."""
-        if (self._inline and self._busy(loop) and self._inline_rows < self.policy.max_batch_size
+        """On the event loop: merge and run the inline requests.
+
+        While the loop is busy it gathers first, until one more row would no longer fit one run
+        (gathering beyond that only delays: the batch is cut into runs of the budget anyway).
+        """
+        if (self._inline and self._busy(loop) and self._fits_inline(self._inline_rows + 1)
                 and time.monotonic() - self._inline[0].submitted < self.policy.inline_gather_s):
             loop.call_soon(self._drain_inline, loop)  # behind what is ready now: its requests join
             return
@@ -332,12 +339,11 @@ class Batcher:
                 self._deliver_error(request, error)
                 continue
             groups.setdefault(self._key(request.feeds), []).append(request)
-        budget, limit = self.policy.inline_budget_s, self.policy.max_batch_size
         for requests in groups.values():
             batch: list[_Request] = []
             rows = 0
             for request in requests:
-                if batch and (rows + request.rows > limit or self.estimate(rows + request.rows) > budget):
+                if batch and not self._fits_inline(rows + request.rows):
                     self._run_inline(batch)
                     batch, rows = [], 0
                 batch.append(request)

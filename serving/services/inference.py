@@ -35,7 +35,7 @@ import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
@@ -88,9 +88,11 @@ class TensorInfo:
     datatype: str
     shape: tuple[int, ...]  # with the batch axis (-1) first
     optional: bool = False  # a noise input the server draws when it is omitted
+    # The non-batch dimensions of the common signature [-1, fixed...] (None otherwise): such an
+    # input's shape is checked by one tuple comparison (``_shape_fits``).
+    fixed_tail: tuple[int, ...] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # The common signature, [-1, fixed...], checked by one tuple comparison (decode_input).
         tail = self.shape[1:]
         object.__setattr__(self, "fixed_tail", tail if self.shape[:1] == (-1,) and -1 not in tail else None)
 
@@ -114,7 +116,6 @@ class Endpoint:
         self.graph_outputs = [t.name for t in self.graph.spec.outputs]
         self.noise_inputs = [t for t in self.graph.spec.inputs if t.noise is not None]
         self.required = frozenset(t.name for t in self.inputs if not t.optional)
-        self.model_name = self.model.name
 
 
 def _primary_graph(model: LoadedModel) -> str:
@@ -197,16 +198,22 @@ def _shape_text(shape: tuple[int, ...] | list[int]) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+def _shape_fits(shape: tuple[int, ...], info: TensorInfo) -> bool:
+    """Whether a request's shape matches the input's (-1 = any size >= 0)."""
+    if len(shape) != len(info.shape):
+        return False
+    if shape[1:] == info.fixed_tail:  # the common [-1, fixed...] signature
+        return shape[0] >= 0
+    return all(d >= 0 and e in (-1, d) for e, d in zip(info.shape, shape))
+
+
 def decode_input(tensor: Any, info: TensorInfo, raw: bytes | None) -> np.ndarray:
     """One request input as a NumPy array (a read-only view on raw bytes when given)."""
     name = info.name
     if tensor.datatype != info.datatype:
         raise InvalidArgument(f"{name}.datatype: expected {info.datatype}, got {tensor.datatype or 'nothing'}")
     shape = tuple(tensor.shape)
-    if not (info.fixed_tail is not None and len(shape) == len(info.shape) and shape[1:] == info.fixed_tail
-            and shape[0] >= 0) and (
-            len(shape) != len(info.shape) or any(e != -1 and e != d for e, d in zip(info.shape, shape))
-            or any(d < 0 for d in shape)):
+    if not _shape_fits(shape, info):
         raise InvalidArgument(f"{name}.shape: expected {_shape_text(info.shape)} (-1 = any size), got "
                               f"{_shape_text(shape)}")
     dtype = NUMPY_OF[info.datatype]
@@ -436,7 +443,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def infer(self, repository: Repository, request: Any, ctx: RunContext) -> pb.ModelInferResponse:
         """One ModelInfer request (shared by the unary and the streaming call)."""
         e = resolve(repository, request.model_name, request.model_version)
-        ctx.model = e.model_name
+        ctx.model = e.model.name
         infos = e.by_name
         inputs = request.inputs
         raw = request.raw_input_contents
@@ -460,7 +467,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if e.check_finite:
             for name, array in feeds.items():
                 _check_finite(name, array)
-        absent_noise = [t for t in e.noise_inputs if t.name not in feeds] if e.noise_inputs else None
+        absent_noise = [t for t in e.noise_inputs if t.name not in feeds]
         if absent_noise:
             seed = _int_param(request.parameters, "seed") or 0
             if seed < 0:
@@ -478,15 +485,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             flags = ~(score <= threshold)
             results[ANOMALY_OUTPUT] = flags
             self.metrics.anomalies_detected(e.model.name, score, flags)
-        self.metrics.rows_done("ModelInfer", e.model_name, rows)
+        self.metrics.rows_done("ModelInfer", e.model.name, rows)
         return self._response(e, request, results, wanted, bool(raw) or not inputs)
 
     def _rows(self, e: Endpoint, feeds: dict[str, np.ndarray], request: Any) -> int:
         infos = e.by_name
         batched = {name: a for name, a in feeds.items() if a.ndim and infos[name].shape[:1] == (-1,)}
-        if len(batched) == 1:  # the common case: nothing to agree across inputs
-            rows = next(iter(batched.values())).shape[0]
-        elif batched:
+        if batched:
             counts = {int(a.shape[0]) for a in batched.values()}
             if len(counts) != 1:
                 sizes = {name: int(a.shape[0]) for name, a in batched.items()}
