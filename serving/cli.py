@@ -41,6 +41,7 @@ _SERVE_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("chunk_rows", "--chunk-rows", int, "rows per session run, default 4096"),
     ("drain_seconds", "--drain-seconds", float, "grace for in-flight requests on SIGTERM, default 20"),
     ("workers", "--workers", int, "server processes sharing the port (SO_REUSEPORT), default 1"),
+    ("event_loop", "--event-loop", str, "auto (uvloop when installed, the default), uvloop or asyncio"),
     ("request_threads", "--request-threads", int, "threads preparing domain-API requests, default 64"),
     ("max_queue_delay_ms", "--max-queue-delay-ms", float,
      "dynamic batching: longest wait for a batch to fill, default 0 (run what is queued at once)"),

@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     switch_interval_ms: float = Field(default=0.0, ge=0.0, le=100.0,
                                       description="Python GIL switch interval for the server process (0 = keep "
                                                   "Python's 5 ms): lower cuts the wait of a ready thread")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto", description="the server's event loop: uvloop (auto: when installed) costs less per "
+                                    "request than asyncio's own")
     workers: int = Field(default=1, ge=1, le=64,
                          description="server processes sharing the gRPC port (SO_REUSEPORT); metrics port + i each")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")

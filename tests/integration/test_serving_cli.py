@@ -47,23 +47,39 @@ class StderrReader:
                 self.text += chunk.decode(errors="replace")
 
 
-def test_serve_subprocess_answers_health_and_exits_cleanly_on_sigterm(serving_repo):
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_serve_subprocess_answers_health_and_exits_cleanly_on_sigterm(serving_repo, loop):
+    """Both event loops serve the domain API and the OIP (whose small requests take the batcher's
+    event-loop path, the one that differs between them) and drain on SIGTERM."""
+    import tritonclient.grpc as triton
+
     env = {**os.environ, "GENSERVE_LOG_LEVEL": "INFO"}
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "serve", "--repo", str(serving_repo.path), "--host", "127.0.0.1",
-         "--port", "0", "--metrics-port", "0", "--providers", "CPUExecutionProvider", "--drain-seconds", "5"],
+         "--port", "0", "--metrics-port", "0", "--providers", "CPUExecutionProvider", "--drain-seconds", "5",
+         "--event-loop", loop],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, bufsize=0, cwd=ROOT, env=env)
     stderr = StderrReader(process)
     try:
-        match = stderr.until(r"gRPC on 127\.0\.0\.1:(\d+)", timeout=30)
+        match = stderr.until(r"gRPC on 127\.0\.0\.1:(\d+).*; (\w+) event loop", timeout=30)
         assert match, f"no startup line; stderr:\n{stderr.text}"
         port = int(match.group(1))
+        assert match.group(2) == loop
         with GenServeClient("127.0.0.1", port, timeout=5) as client:
             deadline = time.monotonic() + 30
             while client.health() != "SERVING" and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert client.health() == "SERVING"
-            assert client.score(G, serving_repo.X_test[:3]).shape == (3,)
+            scores = client.score(G, serving_repo.X_test[:3])
+        x = triton.InferInput("x", [3, 2], "FP32")
+        x.set_data_from_numpy(serving_repo.X_test[:3].astype(np.float32))
+        oip = triton.InferenceServerClient(f"127.0.0.1:{port}")
+        try:
+            answers = [oip.infer(G, [x]).as_numpy("log_prob") for _ in range(3)]
+        finally:
+            oip.close()
+        for answer in answers:
+            np.testing.assert_allclose(answer, scores, rtol=1e-6)
         assert stderr.until(r"models available: .*grid25-gaussian v2", timeout=5), stderr.text
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -81,6 +97,8 @@ def test_serve_rejects_bad_settings():
     assert result.returncode == 2 and "--repo /nonexistent/repo is not a directory" in result.stderr
     result = cli("serve", "--repo", ".", "--port", "70000")
     assert result.returncode == 2 and "port" in result.stderr and "70000" in result.stderr
+    result = cli("serve", "--repo", ".", "--port", "0", "--event-loop", "tornado")
+    assert result.returncode == 2 and "event_loop" in result.stderr and "uvloop" in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import uvloop
 
 from serving.models.errors import DeadlineExceeded, ResourceExhausted
 from serving.runtime.batching import Batcher, BatchPolicy
@@ -217,7 +218,13 @@ def test_cheap_batches_run_on_the_event_loop_merged_per_iteration():
     assert threads[-1].startswith("genserve-batch")
 
 
-def test_inline_batch_gathers_requests_while_the_loop_is_busy():
+# The server runs on either loop (Settings.event_loop); uvloop hides its ready queue, so the
+# batcher's gathering there counts iterations that bring new requests instead.
+LOOPS = {"asyncio": None, "uvloop": uvloop.new_event_loop}
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_inline_batch_gathers_requests_while_the_loop_is_busy(loop):
     """Requests reaching the batcher in different loop iterations share one run while the loop has
     other work ready (gRPC delivers one request per wake-up); an idle loop runs a lone request at once."""
     import asyncio
@@ -237,14 +244,16 @@ def test_inline_batch_gathers_requests_while_the_loop_is_busy():
         await batcher.infer({"x": np.ones((1, 3), np.float32)})
         return results, time.monotonic() - started
 
-    results, lone_seconds = asyncio.run(busy_then_lone())
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        results, lone_seconds = runner.run(busy_then_lone())
     for i, (y, _) in enumerate(results):
         np.testing.assert_array_equal(y, np.full((1, 3), 2 * i, np.float32))
     assert session.runs == [10, 1]  # without the gathering: ten runs of one row
     assert lone_seconds < 5.0  # nothing else ready: no wait for the 30 s gather limit
 
 
-def test_inline_gathering_stops_at_its_time_limit():
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_inline_gathering_stops_at_its_time_limit(loop):
     import asyncio
 
     session = FakeSession()
@@ -259,7 +268,8 @@ def test_inline_gathering_stops_at_its_time_limit():
     async def spread():
         return await asyncio.gather(*(late(i) for i in range(5)))
 
-    asyncio.run(spread())
+    with asyncio.Runner(loop_factory=LOOPS[loop]) as runner:
+        runner.run(spread())
     assert session.runs == [1, 1, 1, 1, 1]  # gather limit 0: each runs in the iteration it arrived
 
 

@@ -61,3 +61,22 @@ def test_default_providers_ask_for_cuda_only_where_a_gpu_is_present(monkeypatch)
     assert config.default_providers() == ["CPUExecutionProvider"]
     monkeypatch.setattr(config, "nvidia_device_present", lambda: True)
     assert config.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_event_loop_choice(monkeypatch):
+    """auto takes uvloop where it is installed and asyncio's loop where not; asking for uvloop
+    without it is an error naming the setting, not a silent fallback."""
+    import sys
+
+    import uvloop
+
+    from serving.server import event_loop_factory
+
+    assert Settings().event_loop == "auto"
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # import uvloop now raises ImportError
+    assert event_loop_factory("auto") is None
+    with pytest.raises(RuntimeError, match="event_loop: uvloop is not installed"):
+        event_loop_factory("uvloop")
