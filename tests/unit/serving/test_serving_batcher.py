@@ -218,6 +218,28 @@ def test_cheap_batches_run_on_the_event_loop_merged_per_iteration():
     assert threads[-1].startswith("genserve-batch")
 
 
+def test_a_request_joins_the_loop_run_by_the_cost_of_its_rows_not_the_fixed_cost():
+    """The run's fixed cost is paid once per batch, so a one-row request of a graph whose fixed
+    cost alone exceeds a quarter of the inline budget still runs on the loop; a request whose
+    rows alone cost more than that goes to the runner threads."""
+    import asyncio
+
+    threads: list[str] = []
+    session = FakeSession()
+
+    def run(instance, feeds):
+        threads.append(threading.current_thread().name)
+        return session(instance, feeds)
+
+    policy = BatchPolicy(max_batch_size=2048, runners=2, inline_budget_s=1e-4)
+    # fixed cost 40 us > 100 us / 4; rows 0.1 us each
+    batcher = Batcher("m", "g", run, policy, seconds_per_row=1e-7, overhead_s=4e-5)
+    asyncio.run(batcher.infer({"x": np.ones((1, 3), np.float32)}))
+    assert threads == ["MainThread"]
+    asyncio.run(batcher.infer({"x": np.ones((1000, 3), np.float32)}))  # its rows alone: 100 us
+    assert threads[-1].startswith("genserve-batch")
+
+
 # The server runs on either loop (Settings.event_loop); uvloop hides its ready queue, so the
 # batcher's gathering there counts iterations that bring new requests instead.
 LOOPS = {"asyncio": None, "uvloop": uvloop.new_event_loop}
