@@ -1,7 +1,7 @@
 """Servers for the integration tests: a real ``GenServeServer`` on a loopback port.
 
 The server runs on its own event loop in a background thread, exactly as in production (grpc.aio
-plus an executor), while the tests call it through the blocking ``GenServeClient`` over real
+on uvloop, or asyncio's loop with ``event_loop="asyncio"``, plus an executor), while the tests call it through the blocking ``GenServeClient`` over real
 gRPC. Every server binds 127.0.0.1 with port 0 (a free port) and is stopped by its fixture.
 """
 
@@ -16,7 +16,7 @@ import pytest
 
 from serving.client import GenServeClient
 from serving.config import Settings
-from serving.server import GenServeServer
+from serving.server import GenServeServer, event_loop_factory
 
 TEST_LIMITS = dict(max_rows_per_request=20_000, max_sample_count=5_000, chunk_rows=256)
 
@@ -29,7 +29,9 @@ class ServerThread:
                         providers=["CPUExecutionProvider"], worker_threads=2, drain_seconds=5.0, **TEST_LIMITS)
         settings.update(overrides)
         self.settings = Settings(**settings)
-        self.loop = asyncio.new_event_loop()
+        # The loop production would run (uvloop by default), so the tests exercise it.
+        factory = event_loop_factory(self.settings.event_loop)
+        self.loop = factory() if factory is not None else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="genserve-test-loop", daemon=True)
         self.thread.start()
         self.server = self.call(self._create())
