@@ -83,10 +83,21 @@ class SingularCovarianceError(ValueError):
     """A component's covariance is not positive definite even after ``reg_covar``."""
 
 
+# Exp's argument is clamped here: a term below exp(-700) cannot change a sum that holds exp(0) = 1
+# (float64's epsilon is 2e-16), so the result is unchanged to the last bit, but onnxruntime's
+# float64 Exp is data-dependent and slow on the underflowing arguments that rows far from every
+# component produce (anomalies, for one): a 1,024-row, 16-component run on S1's rows took 768 us
+# unclamped, 252 us clamped, with identical outputs (252 us on zeros either way).
+EXP_FLOOR = -700.0
+
+
 def _log_sum_exp(a: torch.Tensor) -> torch.Tensor:
-    """log sum_k exp(a[:, k]) as max + log(sum(exp(a - max))): stable and plain ONNX ops."""
+    """log sum_k exp(a[:, k]) as max + log(sum(exp(a - max))): stable and plain ONNX ops.
+
+    ``a`` is finite (log weights plus Gaussian log-densities), so clamping at ``EXP_FLOOR`` is exact.
+    """
     m = a.amax(dim=1, keepdim=True)
-    return m.squeeze(1) + torch.log(torch.exp(a - m).sum(dim=1))
+    return m.squeeze(1) + torch.log(torch.exp(torch.clamp(a - m, min=EXP_FLOOR)).sum(dim=1))
 
 
 # ---- the fitted core: the maths the ONNX graphs are made of ----------------------------------

@@ -201,6 +201,23 @@ def export(module: torch.nn.Module, args: tuple, names: list[str], output: str, 
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
+def test_clamped_log_sum_exp_equals_the_plain_one_to_the_last_bit():
+    """Exp's argument is clamped at EXP_FLOOR (for onnxruntime's speed): terms that far below the
+    largest cannot change the sum, so the result must be bit-identical to the unclamped formula,
+    including rows where most terms underflow (anomalies far from every component)."""
+    from training.estimators.gmm import EXP_FLOOR, _log_sum_exp
+
+    rng = np.random.default_rng(5)
+    a = torch.from_numpy(rng.uniform(-6000.0, 0.0, size=(500, 64)) + rng.uniform(-1e4, 1e4, size=(500, 1)))
+    a[:, :3] = a[:, 3:4] + torch.from_numpy(rng.uniform(-40.0, 0.0, size=(500, 3)))  # a few terms near the max
+    a[0, :] = -5.0  # every term the same
+    m = a.amax(dim=1, keepdim=True)
+    plain = m.squeeze(1) + torch.log(torch.exp(a - m).sum(dim=1))
+    assert ((a - m) < EXP_FLOOR).float().mean() > 0.8  # most terms are clamped
+    assert torch.equal(_log_sum_exp(a), plain)
+    np.testing.assert_allclose(_log_sum_exp(a).numpy(), logsumexp(a.numpy(), axis=1), rtol=1e-15)
+
+
 @pytest.mark.parametrize("covariance_type", ["full", "diag"])
 def test_onnx_graphs_match_torch(covariance_type, tmp_path):
     x = mixture_rows(900, seed=11)
