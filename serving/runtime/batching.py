@@ -315,7 +315,7 @@ class Batcher:
         budget = self.policy.inline_budget_s
         return (budget > 0 and self.policy.batchable and self._per_row > 0 and rows <= self.policy.max_batch_size
                 and self._per_row * 16 <= budget / 2
-                and self._correction * self._per_row * rows <= budget * INLINE_REQUEST_SHARE)
+                and self.seconds_per_row * rows <= budget * INLINE_REQUEST_SHARE)
 
     def _fits_inline(self, rows: int) -> bool:
         """Whether one inline run may hold ``rows`` rows: within max_batch_size and the budget."""
