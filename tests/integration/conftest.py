@@ -1,8 +1,9 @@
 """Servers for the integration tests: a real ``GenServeServer`` on a loopback port.
 
 The server runs on its own event loop in a background thread, exactly as in production (grpc.aio
-on uvloop, or asyncio's loop with ``event_loop="asyncio"``, plus an executor), while the tests call it through the blocking ``GenServeClient`` over real
-gRPC. Every server binds 127.0.0.1 with port 0 (a free port) and is stopped by its fixture.
+on uvloop, or asyncio's loop with ``event_loop="asyncio"``, plus an executor), while the tests call
+it through the blocking ``GenServeClient`` over real gRPC. Every server binds 127.0.0.1 with port 0
+(a free port) and is stopped by its fixture.
 """
 
 from __future__ import annotations
@@ -30,8 +31,7 @@ class ServerThread:
         settings.update(overrides)
         self.settings = Settings(**settings)
         # The loop production would run (uvloop by default), so the tests exercise it.
-        factory = event_loop_factory(self.settings.event_loop)
-        self.loop = factory() if factory is not None else asyncio.new_event_loop()
+        self.loop = (event_loop_factory(self.settings.event_loop) or asyncio.new_event_loop)()
         self.thread = threading.Thread(target=self.loop.run_forever, name="genserve-test-loop", daemon=True)
         self.thread.start()
         self.server = self.call(self._create())
