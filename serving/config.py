@@ -133,6 +133,9 @@ class Settings(BaseSettings):
     switch_interval_ms: float = Field(default=0.0, ge=0.0, le=100.0,
                                       description="Python GIL switch interval for the server process (0 = keep "
                                                   "Python's 5 ms): lower cuts the wait of a ready thread")
+    malloc_keep_mb: int = Field(default=64, ge=0, le=1024,
+                                description="freed heap memory each server process keeps for the next requests "
+                                            "instead of returning it to the kernel (glibc only; 0 = glibc's defaults)")
     event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
         default="auto", description="the server's event loop: uvloop (auto: when installed) costs less per "
                                     "request than asyncio's own")

@@ -45,6 +45,7 @@ from serving.config import Settings
 from serving.metrics import Metrics
 from serving.models.validation import Limits
 from serving.repository.loader import Repository
+from serving.runtime.memory import keep_freed_memory
 from serving.runtime.session import RuntimeOptions, SessionFactory
 from serving.services.generative import GenerativeServicer
 from serving.services.inference import SERVICE_NAME as OIP_SERVICE_NAME
@@ -210,6 +211,8 @@ async def _serve(settings: Settings) -> int:
         # The event loop and the batch runners share the GIL; Python's default 5 ms switch interval
         # lets a thread that is ready wait that long, which shows in p99 latency.
         sys.setswitchinterval(settings.switch_interval_ms / 1000.0)
+    if keep_freed_memory(settings.malloc_keep_mb << 20):
+        log.info("malloc keeps up to %d MiB of freed memory (malloc_keep_mb)", settings.malloc_keep_mb)
     server = GenServeServer(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

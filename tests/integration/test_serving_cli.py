@@ -53,7 +53,9 @@ def test_serve_subprocess_answers_health_and_exits_cleanly_on_sigterm(serving_re
     event-loop path, the one that differs between them) and drain on SIGTERM."""
     import tritonclient.grpc as triton
 
-    env = {**os.environ, "GENSERVE_LOG_LEVEL": "INFO"}
+    # The asyncio run also leaves glibc's malloc as it is (GENSERVE_MALLOC_KEEP_MB=0).
+    keep = "64" if loop == "uvloop" else "0"
+    env = {**os.environ, "GENSERVE_LOG_LEVEL": "INFO", "GENSERVE_MALLOC_KEEP_MB": keep}
     process = subprocess.Popen(
         [sys.executable, "-m", "serving.cli", "serve", "--repo", str(serving_repo.path), "--host", "127.0.0.1",
          "--port", "0", "--metrics-port", "0", "--providers", "CPUExecutionProvider", "--drain-seconds", "5",
@@ -65,6 +67,7 @@ def test_serve_subprocess_answers_health_and_exits_cleanly_on_sigterm(serving_re
         assert match, f"no startup line; stderr:\n{stderr.text}"
         port = int(match.group(1))
         assert match.group(2) == loop
+        assert ("malloc keeps up to 64 MiB" in stderr.text) == (keep == "64"), stderr.text
         with GenServeClient("127.0.0.1", port, timeout=5) as client:
             deadline = time.monotonic() + 30
             while client.health() != "SERVING" and time.monotonic() < deadline:
