@@ -80,3 +80,20 @@ def test_event_loop_choice(monkeypatch):
     assert event_loop_factory("auto") is None
     with pytest.raises(RuntimeError, match="event_loop: uvloop is not installed"):
         event_loop_factory("uvloop")
+
+
+def test_workers_share_the_cores_unless_worker_threads_is_given(monkeypatch):
+    monkeypatch.delenv("GENSERVE_WORKER_THREADS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert Settings().worker_threads == 8
+    assert Settings(workers=2).worker_threads == 4
+    assert Settings(workers=3).worker_threads == 2
+    assert Settings(workers=16).worker_threads == 1
+    assert Settings(workers=2, worker_threads=8).worker_threads == 8  # explicit wins
+    monkeypatch.setenv("GENSERVE_WORKER_THREADS", "6")
+    assert Settings(workers=2).worker_threads == 6
+    # What a worker process is handed (serve_forever passes the settings as JSON) stays as it was.
+    worker = Settings(workers=2)
+    monkeypatch.delenv("GENSERVE_WORKER_THREADS")
+    assert Settings.model_validate_json(Settings(workers=2).model_dump_json()).worker_threads == 4
+    assert worker.worker_threads == 6
