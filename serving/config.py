@@ -68,6 +68,9 @@ def default_providers() -> list[str]:
     return [p for p in PREFERRED_PROVIDERS if p in offered] or [CPU]
 
 
+SINGLE_RUNNER_INLINE_BUDGET_US = 4000.0
+
+
 def _cores() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -111,7 +114,8 @@ class Settings(BaseSettings):
     inline_budget_us: float = Field(default=500.0, ge=0.0, le=10_000.0,
                                     description="a merged batch estimated to run within this many microseconds, "
                                                 "of a graph cheap per row, runs on the event loop (no thread "
-                                                "hand-over); 0 = always on the runner threads")
+                                                "hand-over); 0 = always on the runner threads; default 500, or "
+                                                f"{SINGLE_RUNNER_INLINE_BUDGET_US:g} with one runner per process")
     inline_gather_us: float = Field(default=2000.0, ge=0.0, le=100_000.0,
                                     description="such a batch waits while the event loop is busy with other work "
                                                 "(more requests on their way), at most this many microseconds "
@@ -175,12 +179,18 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _share_cores_among_workers(self) -> "Settings":
+    def _share_cores(self) -> "Settings":
         # Each worker process runs its own runners: cores runners in each would put workers x
         # cores session runs on the cores at once (measured, 2 workers on 2 cores, 1,024 rows x 8
         # concurrent: one runner each gave a median +18 % requests/s over two each, 5 paired runs).
         if self.workers > 1 and "worker_threads" not in self.model_fields_set:
             self.worker_threads = max(1, _cores() // self.workers)
+        # With one runner the loop and the runner only take turns on one core: the hand-over costs
+        # two thread switches and buys no parallelism, so runs up to a few ms stay on the loop
+        # (measured, 2 workers on 2 cores, 1,024-row GMM requests, 5 / 3 paired runs: +6 % requests/s
+        # at 8 concurrent, +21 % at 1; one-row requests at 64 concurrent unchanged).
+        if self.worker_threads == 1 and "inline_budget_us" not in self.model_fields_set:
+            self.inline_budget_us = SINGLE_RUNNER_INLINE_BUDGET_US
         return self
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ import onnxruntime
 import pytest
 from pydantic import ValidationError
 
-from serving.config import CPU, Settings, default_providers
+from serving.config import CPU, SINGLE_RUNNER_INLINE_BUDGET_US, Settings, default_providers
 
 
 def test_defaults(monkeypatch):
@@ -97,3 +97,13 @@ def test_workers_share_the_cores_unless_worker_threads_is_given(monkeypatch):
     monkeypatch.delenv("GENSERVE_WORKER_THREADS")
     assert Settings.model_validate_json(Settings(workers=2).model_dump_json()).worker_threads == 4
     assert worker.worker_threads == 6
+
+
+def test_one_runner_per_process_keeps_runs_of_a_few_ms_on_the_event_loop(monkeypatch):
+    monkeypatch.delenv("GENSERVE_WORKER_THREADS", raising=False)
+    monkeypatch.delenv("GENSERVE_INLINE_BUDGET_US", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert Settings().inline_budget_us == 500.0  # two runners: a run may overlap the loop's work
+    assert Settings(workers=2).inline_budget_us == SINGLE_RUNNER_INLINE_BUDGET_US
+    assert Settings(worker_threads=1).inline_budget_us == SINGLE_RUNNER_INLINE_BUDGET_US
+    assert Settings(workers=2, inline_budget_us=300).inline_budget_us == 300.0  # explicit wins
