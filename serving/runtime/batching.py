@@ -36,11 +36,13 @@ Policy
       its result back costs two thread switches (and, on a busy machine, two waits in the OS run
       queue) — more than a session run of a few rows of a cheap graph. So when the batcher's cost
       model (overhead + per-row time, measured at warm-up and corrected by every run) says a
-      merged batch costs at most ``inline_budget`` (default 500 µs; a request joins only if it alone
+      merged batch costs at most ``inline_budget`` (default 500 µs, 4 ms with one runner per process:
+      there a hand-over buys no parallelism; a request joins only if it alone
       costs at most a quarter of that) and the graph is cheap per row,
       the requests that reached the batcher are merged and run right there, in one run. The loop
-      is then blocked no longer than decoding a large request would block it; anything costlier
-      (the DESIGN rule: never a long run on the loop) goes to the runner threads.
+      is then blocked for at most the budget (500 µs is what decoding a large request takes; with
+      one runner the core is busy with the run either way); anything costlier (the DESIGN rule:
+      never a long run on the loop) goes to the runner threads.
     * That inline run waits while the event loop still has other callbacks ready, up to
       ``inline_gather`` (default 2 ms) after its oldest request arrived: gRPC hands the loop one
       request per wake-up, so "the requests of this iteration" is nearly always one, and a loop
