@@ -4,10 +4,10 @@ A 1,024-row request is a 256-KiB message, and its handling allocates and frees s
 that size (gRPC's slices, the request bytes, onnxruntime's intermediates). glibc's malloc gives
 such blocks back to the kernel as soon as they are free (``munmap``, or trimming the heap top past
 a threshold that starts at 128 KiB), so the next request faults every page in again and the kernel
-zeroes it: measured on the S1 GMM graph, ~58 page faults per 1,024-row request. Raising the mmap
-and trim thresholds keeps that memory for the next request (~3 faults), which cut the server's
-CPU per request by 4-18 % and raised its requests/s by 2-25 % (six interleaved runs, 1,024 rows x
-8 concurrent, two workers); one-row requests fault as rarely either way.
+zeroes it: measured on the S1 GMM graph, 58-110 page faults per 1,024-row request (two runs).
+Raising the mmap and trim thresholds keeps that memory for the next request (~3 faults): 1,024
+rows x 8 concurrent, two workers, five interleaved pairs of runs, median +15 % requests/s and
+-10 % server CPU per request; one-row requests fault as rarely either way.
 
 The cost is memory that stays with the process: at most ``keep`` bytes of free heap top per
 malloc arena, and blocks up to ``keep / 2`` (capped at glibc's 32 MiB) served from the heap, so a

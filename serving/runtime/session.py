@@ -278,33 +278,42 @@ class GraphSession:
         rows = min(PROBE_ROWS, limit)
         if rows < 2:
             return
+        measured: tuple[int, float] | None = None  # the largest probe that ran: rows, seconds
+        follows = True
         try:
             t_one = min(self._timed(self._feeds(1)) for _ in range(3))
             while True:
                 feeds = self._feeds(rows)
                 self._run_instance(0, feeds)
                 times, outputs = zip(*(self._timed_outputs(feeds) for _ in range(3)))
-                t_many = min(times)
                 follows = all(np.ndim(o) >= 1 and len(o) == rows for o in outputs[0])
+                if not follows:
+                    break
+                measured = (rows, min(times))
                 # Grow the probe until its rows cost several times a one-row run: on a cheap graph
                 # 16 rows cost about what one does, and their difference, noise, made the per-row
                 # estimate 2-4 x too small or nothing at all (GMM: 16 rows 0.17 us/row, 256 rows
                 # 0.30, 1,024 rows 0.31), which put 1,024-row requests on the event loop.
-                if (not follows or t_many >= PROBE_SLOPE_FACTOR * t_one or rows >= limit
-                        or t_many >= PROBE_MAX_SECONDS):
-                    break
                 grown = min(rows * 4, limit, PROBE_MAX_ROWS)
-                if grown == rows:
+                if measured[1] >= PROBE_SLOPE_FACTOR * t_one or measured[1] >= PROBE_MAX_SECONDS or grown == rows:
                     break
                 rows = grown
-        except Exception as exc:  # a graph that declares -1 but cannot take several rows
-            log.info("graph %s of %s does not take %d rows (%s): served unbatched", self.name, self.model, rows,
-                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            follows, t_one, t_many = False, 0.0, 0.0
-        if not follows:
+        except Exception as exc:  # a graph that declares -1 but cannot take several (or this many) rows
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if measured is None:
+                log.info("graph %s of %s does not take %d rows (%s): served unbatched", self.name, self.model,
+                         rows, reason)
+                follows = False
+            else:
+                log.info("graph %s of %s failed a warm-up run of %d rows (%s); its cost comes from %d rows",
+                         self.name, self.model, rows, reason, measured[0])
+        if not follows or measured is None:
             self.batchable = False
-        per_row = max((t_many - t_one) / (rows - 1), 1e-9) if follows else 0.0
-        overhead = max(t_one - per_row, 0.0) if follows else 0.0
+            per_row = overhead = 0.0
+        else:
+            rows, t_many = measured
+            per_row = max((t_many - t_one) / (rows - 1), 1e-9)
+            overhead = max(t_one - per_row, 0.0)
         self.batcher = Batcher(self.model, self.name, self._run_instance,
                                self._factory.batch_policy(self._batching, self.batchable), self._factory.observer,
                                self._factory.slots, seconds_per_row=per_row, overhead_s=overhead)

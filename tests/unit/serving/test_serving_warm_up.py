@@ -59,3 +59,18 @@ def test_the_probe_stops_at_max_batch_size_its_row_limit_and_its_time_limit(grap
     probed = simulate(graph, 4.99e-3, 1e-6)  # 16 rows already take the probe's 5 ms
     graph.warm_up()
     assert max(probed) == PROBE_ROWS
+
+
+def test_a_larger_probe_that_fails_keeps_what_the_smaller_one_measured(graph):
+    simulate(graph, 20e-6, 0.3e-6, free_rows=12)
+    timed = graph._timed_outputs
+
+    def out_of_memory_past_64_rows(feeds):
+        if len(next(iter(feeds.values()))) > 64:
+            raise RuntimeError("Failed to allocate memory")
+        return timed(feeds)
+
+    graph._timed_outputs = out_of_memory_past_64_rows
+    graph.warm_up()
+    assert graph.batchable  # 16 and 64 rows ran and followed the batch axis
+    assert graph.batcher.seconds_per_row == pytest.approx(0.3e-6 * 52 / 63, rel=1e-6)
