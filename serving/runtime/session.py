@@ -279,7 +279,6 @@ class GraphSession:
         if rows < 2:
             return
         measured: tuple[int, float] | None = None  # the largest probe that ran: rows, seconds
-        follows = True
         try:
             t_one = min(self._timed(self._feeds(1)) for _ in range(3))
             while True:
@@ -307,7 +306,7 @@ class GraphSession:
             else:
                 log.info("graph %s of %s failed a warm-up run of %d rows (%s); its cost comes from %d rows",
                          self.name, self.model, rows, reason, measured[0])
-        if not follows or measured is None:
+        if not follows:
             self.batchable = False
             per_row = overhead = 0.0
         else:
