@@ -777,10 +777,15 @@ def evaluate_goals(rows, inproc, rounds=()) -> list[dict[str, Any]]:
             add(f"{graph}: (reachable?) floor p50 + in-process run split over 2 cores, 1024 × 1 ≥ 1.5 × KServe", bound,
                 f"{floor['p50_ms']:.2f} + {run_ms:.2f} ms", k["rows_per_s"], 1.5,
                 f"KServe {k['rows_per_s']:,.0f} rows/s")
+        # Judged on the configuration the throughput goals pick in this cell (the higher rows/s),
+        # the one a user would deploy for it; the other's p99 is shown beside it.
         k = _cell(rows, graph, "kserve", 1, 8)
-        ours = _cell(rows, graph, "genserve", 1, 8)
+        system, ours = best(graph, 1, 8)
         if k and ours:
-            goals.append({"goal": f"{graph}: p99 at batch 1 × 8 below KServe's p50", "ours": f"p99 {ours['p99_ms']:.2f} ms (genserve)",
+            others = [(s, _cell(rows, graph, s, 1, 8)) for s in ("genserve", "genserve-w2") if s != system]
+            beside = "".join(f"; {s} {r['p99_ms']:.2f}" for s, r in others if r is not None)
+            goals.append({"goal": f"{graph}: p99 at batch 1 × 8 below KServe's p50",
+                          "ours": f"p99 {ours['p99_ms']:.2f} ms ({system}{beside})",
                           "reference": f"KServe p50 {k['p50_ms']:.2f} ms", "ratio": f"{ours['p99_ms'] / k['p50_ms']:.2f}×",
                           "met": ours["p99_ms"] < k["p50_ms"]})
     host = max((r["rows_per_s"] for r in inproc if r["graph"] == "kde" and r["batch"] == 1024), default=None)

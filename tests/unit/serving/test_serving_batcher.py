@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -238,6 +239,50 @@ def test_a_request_joins_the_loop_run_by_the_cost_of_its_rows_not_the_fixed_cost
     assert threads == ["MainThread"]
     asyncio.run(batcher.infer({"x": np.ones((1000, 3), np.float32)}))  # its rows alone: 100 us
     assert threads[-1].startswith("genserve-batch")
+
+
+def _recording(session: FakeSession, seen: list) -> Callable:
+    def run(instance, feeds):
+        seen.append((threading.current_thread().name, len(feeds["x"])))
+        return session(instance, feeds)
+    return run
+
+
+def test_a_lone_request_too_costly_for_the_loop_is_shared_between_the_loop_and_a_runner():
+    """Nothing queued or running and two free run slots: the loop computes the larger share (by
+    HANDOVER_S of compute, 100 rows here) while one runner computes the rest; the caller gets its
+    rows in order. With one free slot (``--workers 2`` on 2 cores) the loop computes nothing."""
+    import asyncio
+
+    seen: list = []
+    session = FakeSession()
+    policy = BatchPolicy(max_batch_size=4096, runners=2, inline_budget_s=1e-3)
+    x = np.arange(3000, dtype=np.float32).reshape(1000, 3)  # 1 ms at 1 us a row: too much for the loop alone
+    shared = Batcher("m", "g", _recording(session, seen), policy, slots=threading.BoundedSemaphore(2),
+                     seconds_per_row=1e-6)
+    y, total = asyncio.run(shared.infer({"x": x}))
+    np.testing.assert_array_equal(y, 2 * x)
+    np.testing.assert_array_equal(total, x.sum(axis=1))
+    assert sorted(seen) == [("MainThread", 550), ("genserve-batch-m-g-0", 450)]
+    assert shared.stats.snapshot()["execution_count"] == 2
+
+    seen.clear()
+    one_slot = Batcher("m", "g", _recording(session, seen), policy, slots=threading.BoundedSemaphore(1),
+                       seconds_per_row=1e-6)
+    y, _ = asyncio.run(one_slot.infer({"x": x}))
+    np.testing.assert_array_equal(y, 2 * x)
+    assert seen and all(name.startswith("genserve-batch") for name, _ in seen)
+
+
+def test_a_shared_request_that_fails_gets_its_error_once():
+    import asyncio
+
+    policy = BatchPolicy(max_batch_size=4096, runners=2, inline_budget_s=1e-3)
+    batcher = Batcher("m", "g", FakeSession(fail=True), policy, slots=threading.BoundedSemaphore(2),
+                      seconds_per_row=1e-6)
+    with pytest.raises(RuntimeError, match="exploded"):
+        asyncio.run(batcher.infer({"x": np.ones((1000, 3), np.float32)}))
+    assert batcher.stats.snapshot()["fail"][0] == 1
 
 
 # The server runs on either loop (Settings.event_loop); uvloop hides its ready queue, so the
