@@ -44,7 +44,8 @@ Policy
       one runner the core is busy with the run either way); anything costlier (the DESIGN rule:
       never a long run on the loop) goes to the runner threads.
     * A lone request too costly for the loop alone (a 1,024-row GMM request, ~0.5 ms) is shared:
-      when nothing else is queued or running and two run slots are free, the loop computes the
+      when it is the only request in the server, nothing else is queued or running here and two
+      run slots are free, the loop computes the
       larger share itself (within the budget) while one runner computes the rest. Two runners
       would cost two wake-ups of sleeping threads (to the runner, ~60 µs, and back to the loop,
       100-190 µs); sharing costs one, overlapped with the loop's own share (measured in the
@@ -336,7 +337,10 @@ class Batcher:
     def _share_with_loop(self, request: _Request) -> bool:
         """Run a lone request too costly for the event loop alone on the loop *and* a runner.
 
-        When nothing else is queued or running here and two run slots are free, the loop computes
+        When the request is the only one in the server (``ctx.sole``: under load the loop's time
+        belongs to reading the next requests, and computing there starved the runners — measured,
+        1,024 rows x 64 on one worker: ~100 % server CPU instead of ~135 %), nothing else is queued or
+        running here and two run slots are free, the loop computes
         the first rows itself while one runner computes the rest on the other core: the request
         pays one hand-over, which overlaps the loop's own share, instead of two (to a runner and
         back, each a wake-up of a sleeping thread; measured on 2 cores for a lone 1,024-row GMM
@@ -347,7 +351,7 @@ class Batcher:
         """
         policy, rows = self.policy, request.rows
         per_row = self.seconds_per_row
-        if (policy.inline_budget_s <= 0 or not policy.batchable or policy.runners < 2 or per_row <= 0
+        if (request.ctx is None or not request.ctx.sole or policy.inline_budget_s <= 0 or not policy.batchable or policy.runners < 2 or per_row <= 0
                 or rows < 2 or rows > policy.max_batch_size or self._waiting or self._inline
                 or self._idle < self._runners):
             return False

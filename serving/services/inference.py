@@ -265,6 +265,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         failure: tuple[grpc.StatusCode, str] | None = None
         ctx = RunContext.with_timeout(model_name, context.time_remaining(), self.metrics)
         self.state.enter()
+        ctx.sole = self.state.in_flight == 1
         try:
             if needs_models:
                 repository = self.state.ready_repository()
@@ -404,6 +405,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             ctx = RunContext.with_timeout(request.model_name, context.time_remaining(), self.metrics)
             code = "OK"
             self.state.enter()
+            ctx.sole = self.state.in_flight == 1
             try:
                 response = await self.infer(self.state.ready_repository(), request, ctx)
                 await responses.put(pb.ModelStreamInferResponse(infer_response=response))

@@ -249,9 +249,10 @@ def _recording(session: FakeSession, seen: list) -> Callable:
 
 
 def test_a_lone_request_too_costly_for_the_loop_is_shared_between_the_loop_and_a_runner():
-    """Nothing queued or running and two free run slots: the loop computes the larger share (by
-    HANDOVER_S of compute, 100 rows here) while one runner computes the rest; the caller gets its
-    rows in order. With one free slot (``--workers 2`` on 2 cores) the loop computes nothing."""
+    """The only request in the server, nothing queued or running and two free run slots: the loop
+    computes the larger share (by HANDOVER_S of compute, 100 rows here) while one runner computes
+    the rest; the caller gets its rows in order. With other requests in flight, or one free slot
+    (``--workers 2`` on 2 cores), the loop computes nothing."""
     import asyncio
 
     seen: list = []
@@ -260,16 +261,21 @@ def test_a_lone_request_too_costly_for_the_loop_is_shared_between_the_loop_and_a
     x = np.arange(3000, dtype=np.float32).reshape(1000, 3)  # 1 ms at 1 us a row: too much for the loop alone
     shared = Batcher("m", "g", _recording(session, seen), policy, slots=threading.BoundedSemaphore(2),
                      seconds_per_row=1e-6)
-    y, total = asyncio.run(shared.infer({"x": x}))
+    y, total = asyncio.run(shared.infer({"x": x}, RunContext(sole=True)))
     np.testing.assert_array_equal(y, 2 * x)
     np.testing.assert_array_equal(total, x.sum(axis=1))
     assert sorted(seen) == [("MainThread", 550), ("genserve-batch-m-g-0", 450)]
     assert shared.stats.snapshot()["execution_count"] == 2
 
+    seen.clear()  # other requests in flight (RunContext.sole False): the loop reads those instead
+    y, _ = asyncio.run(shared.infer({"x": x}, RunContext()))
+    np.testing.assert_array_equal(y, 2 * x)
+    assert seen and all(name.startswith("genserve-batch") for name, _ in seen)
+
     seen.clear()
     one_slot = Batcher("m", "g", _recording(session, seen), policy, slots=threading.BoundedSemaphore(1),
                        seconds_per_row=1e-6)
-    y, _ = asyncio.run(one_slot.infer({"x": x}))
+    y, _ = asyncio.run(one_slot.infer({"x": x}, RunContext(sole=True)))
     np.testing.assert_array_equal(y, 2 * x)
     assert seen and all(name.startswith("genserve-batch") for name, _ in seen)
 
@@ -281,8 +287,8 @@ def test_a_shared_request_that_fails_gets_its_error_once():
     batcher = Batcher("m", "g", FakeSession(fail=True), policy, slots=threading.BoundedSemaphore(2),
                       seconds_per_row=1e-6)
     with pytest.raises(RuntimeError, match="exploded"):
-        asyncio.run(batcher.infer({"x": np.ones((1000, 3), np.float32)}))
-    assert batcher.stats.snapshot()["fail"][0] == 1
+        asyncio.run(batcher.infer({"x": np.ones((1000, 3), np.float32)}, RunContext(sole=True)))
+    assert batcher.stats.snapshot()["fail"][0] == 1 and batcher.stats.snapshot()["execution_count"] == 0
 
 
 # The server runs on either loop (Settings.event_loop); uvloop hides its ready queue, so the
