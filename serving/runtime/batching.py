@@ -45,8 +45,8 @@ Policy
       never a long run on the loop) goes to the runner threads.
     * A lone request too costly for the loop alone (a 1,024-row GMM request, ~0.5 ms) is shared:
       when it is the only request in the server, nothing else is queued or running here and two
-      run slots are free, the loop computes the
-      larger share itself (within the budget) while one runner computes the rest. Two runners
+      run slots are free, the loop computes the larger share itself (within the budget) while one
+      runner computes the rest. Two runners
       would cost two wake-ups of sleeping threads (to the runner, ~60 µs, and back to the loop,
       100-190 µs); sharing costs one, overlapped with the loop's own share (measured in the
       server, 1,024-row GMM requests one at a time: handler p50 -6 to -10 %).
@@ -274,6 +274,10 @@ class Batcher:
         pieces = self._pieces(request, key)
         request.untaken = request.pending = len(pieces)
         request.parts = [None] * len(pieces)
+        self._queue_pieces(pieces)
+
+    def _queue_pieces(self, pieces: list[_Piece]) -> None:
+        """Queue the pieces of one request for the runners, waking idle ones and starting more."""
         with self._cond:
             if self._waiting >= self.policy.max_queue_size:
                 raise ResourceExhausted(
@@ -338,10 +342,9 @@ class Batcher:
         """Run a lone request too costly for the event loop alone on the loop *and* a runner.
 
         When the request is the only one in the server (``ctx.sole``: under load the loop's time
-        belongs to reading the next requests, and computing there starved the runners — measured,
-        1,024 rows x 64 on one worker: ~100 % server CPU instead of ~135 %), nothing else is queued or
-        running here and two run slots are free, the loop computes
-        the first rows itself while one runner computes the rest on the other core: the request
+        belongs to reading the next requests), nothing else is queued or running here and two run
+        slots are free, the loop computes the first rows itself while one runner computes the rest
+        on the other core: the request
         pays one hand-over, which overlaps the loop's own share, instead of two (to a runner and
         back, each a wake-up of a sleeping thread; measured on 2 cores for a lone 1,024-row GMM
         request: 60 µs from the queue to the runner's start, 100-190 µs from its end to the loop).
@@ -351,9 +354,9 @@ class Batcher:
         """
         policy, rows = self.policy, request.rows
         per_row = self.seconds_per_row
-        if (request.ctx is None or not request.ctx.sole or policy.inline_budget_s <= 0 or not policy.batchable or policy.runners < 2 or per_row <= 0
-                or rows < 2 or rows > policy.max_batch_size or self._waiting or self._inline
-                or self._idle < self._runners):
+        if (request.ctx is None or not request.ctx.sole or policy.inline_budget_s <= 0 or not policy.batchable
+                or policy.runners < 2 or per_row <= 0 or rows < 2 or rows > policy.max_batch_size
+                or self._waiting or self._inline or self._idle < self._runners):
             return False
         own = min(rows - 1, max(math.ceil(rows / 2), math.ceil((rows + HANDOVER_S / per_row) / 2)))
         if self.estimate(own) > policy.inline_budget_s:
@@ -370,13 +373,7 @@ class Batcher:
             key = self._key(request.feeds)
             mine, theirs = _Piece(request, 0, 0, own, key), _Piece(request, 1, own, rows, key)
             request.untaken, request.pending, request.parts = 1, 2, [None, None]
-            with self._cond:
-                self._waiting += 1
-                self._queue.append(theirs)
-                if self._idle:
-                    self._cond.notify()
-                else:
-                    self._start_runner()
+            self._queue_pieces([theirs])
             self._execute(0, [mine], holding_slot=True, on_loop=True)
         finally:
             if slots is not None:

@@ -264,8 +264,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         code = "OK"
         failure: tuple[grpc.StatusCode, str] | None = None
         ctx = RunContext.with_timeout(model_name, context.time_remaining(), self.metrics)
-        self.state.enter()
-        ctx.sole = self.state.in_flight == 1
+        ctx.sole = self.state.enter()
         try:
             if needs_models:
                 repository = self.state.ready_repository()
@@ -404,8 +403,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             started = time.monotonic()
             ctx = RunContext.with_timeout(request.model_name, context.time_remaining(), self.metrics)
             code = "OK"
-            self.state.enter()
-            ctx.sole = self.state.in_flight == 1
+            ctx.sole = self.state.enter()
             try:
                 response = await self.infer(self.state.ready_repository(), request, ctx)
                 await responses.put(pb.ModelStreamInferResponse(infer_response=response))

@@ -22,9 +22,11 @@ class ServingState:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    def enter(self) -> None:
+    def enter(self) -> bool:
+        """Count a request in; True when it is the only one in flight (the event loop is free)."""
         self.in_flight += 1
         self._idle.clear()
+        return self.in_flight == 1
 
     def leave(self) -> None:
         self.in_flight -= 1
