@@ -291,6 +291,46 @@ def test_a_shared_request_that_fails_gets_its_error_once():
     assert batcher.stats.snapshot()["fail"][0] == 1 and batcher.stats.snapshot()["execution_count"] == 0
 
 
+def test_a_sole_request_that_needs_no_merging_runs_inline_without_waiting_for_a_loop_turn():
+    """The only request in the server whose run's fixed cost is at most a quarter of its estimate
+    (from 6 rows here) runs within the handler: its coroutine completes at the first step, without
+    suspending. A smaller sole request, or one with others in flight, gathers first (its coroutine
+    suspends until the loop has run the batch): gRPC may have read requests that could join it. A
+    sole request whose deadline already passed gets DEADLINE_EXCEEDED without a run."""
+    import asyncio
+
+    session = FakeSession()
+    policy = BatchPolicy(max_batch_size=128, runners=2, inline_budget_s=1e-3)
+    batcher = Batcher("m", "g", session, policy, seconds_per_row=1e-7, overhead_s=2e-7)
+    x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+
+    async def first_step(rows: int, ctx: RunContext):
+        coro = batcher.infer({"x": x[:rows]}, ctx)
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value
+        coro.close()
+        return None
+
+    async def main():
+        y, total = await first_step(64, RunContext(sole=True))
+        np.testing.assert_array_equal(y, 2 * x)
+        np.testing.assert_array_equal(total, x.sum(axis=1))
+        assert session.runs == [64]
+        assert await first_step(2, RunContext(sole=True)) is None  # suspended: it gathers
+        assert await first_step(64, RunContext()) is None  # others in flight: it gathers
+        await asyncio.sleep(0.01)  # the loop runs that batch (its callers have gone)
+        assert session.runs == [64, 66]
+        expired = RunContext(sole=True)
+        expired.deadline = time.monotonic() - 1.0
+        with pytest.raises(DeadlineExceeded):
+            await batcher.infer({"x": x}, expired)
+
+    asyncio.run(main())
+    assert session.runs == [64, 66]  # the expired request never ran
+
+
 # The server runs on either loop (Settings.event_loop); uvloop hides its ready queue, so the
 # batcher's gathering there counts iterations that bring new requests instead.
 LOOPS = {"asyncio": None, "uvloop": uvloop.new_event_loop}
