@@ -147,6 +147,13 @@ class Settings(BaseSettings):
                                     "request than asyncio's own")
     workers: int = Field(default=1, ge=1, le=64,
                          description="server processes sharing the gRPC port (SO_REUSEPORT); metrics port + i each")
+    max_connection_age_s: float = Field(
+        default=0.0, ge=0.0, le=86_400.0,
+        description="ask each client connection to go (HTTP/2 GOAWAY) after this many seconds, so that clients "
+                    "reconnect and spread again over the workers and the replicas; 0 = never")
+    max_connection_age_grace_s: float = Field(
+        default=30.0, ge=0.0, le=3_600.0,
+        description="after that GOAWAY, how long the connection's RPCs in flight may still take")
     log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @field_validator("providers", mode="before")
@@ -211,3 +218,22 @@ class Settings(BaseSettings):
         """Channel options shared by the server and the client: message size limits both ways."""
         return [("grpc.max_send_message_length", self.max_message_bytes),
                 ("grpc.max_receive_message_length", self.max_message_bytes)]
+
+    def server_grpc_options(self) -> list[tuple[str, int]]:
+        """The server's channel options: the shared ones, the port sharing, the connection age.
+
+        A client keeps its HTTP/2 connection, and SO_REUSEPORT hashes each connection to one worker
+        for good, so a few long-lived clients can all land on one worker (S1's four connections on
+        two workers: one of them idle in one round of three) — or, behind a Kubernetes Service, on
+        one replica. A maximum connection age makes gRPC send GOAWAY; clients that follow the
+        protocol (grpcio, tritonclient, grpc-go) open a new connection, which is hashed afresh,
+        and finish the old one's RPCs in flight within the grace. Off by default: a load tool that
+        does not reconnect (h2load) stops at the first GOAWAY.
+        """
+        # so_reuseport off for one process: a port already in use must fail loudly, not be shared
+        # silently. Several worker processes share it on purpose.
+        options = [*self.grpc_options(), ("grpc.so_reuseport", 1 if self.workers > 1 else 0)]
+        if self.max_connection_age_s > 0:
+            options += [("grpc.max_connection_age_ms", max(1, round(self.max_connection_age_s * 1000))),
+                        ("grpc.max_connection_age_grace_ms", round(self.max_connection_age_grace_s * 1000))]
+        return options

@@ -109,10 +109,7 @@ class GenServeServer:
         s = self.settings
         if not s.repo.is_dir():
             raise FileNotFoundError(f"repo: {s.repo} is not a directory (expected <repo>/<model>/<version>/)")
-        # so_reuseport off for one process: a port already in use must fail loudly, not be shared
-        # silently. Several worker processes share it on purpose.
-        options = [*s.grpc_options(), ("grpc.so_reuseport", 1 if s.workers > 1 else 0)]
-        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=s.max_concurrent_rpcs)
+        server = grpc.aio.server(options=s.server_grpc_options(), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         limits = Limits.from_settings(s)
         servicer = GenerativeServicer(self.state, self.executor, self.metrics, limits)
         pb_grpc.add_GenerativeServiceServicer_to_server(servicer, server)

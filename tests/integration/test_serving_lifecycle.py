@@ -89,6 +89,35 @@ async def _score_in_thread(client, x):
     return await asyncio.get_running_loop().run_in_executor(None, client.score, G, x)
 
 
+def test_connections_reconnect_at_their_maximum_age_and_no_call_fails(fresh_server, serving_repo, block_graph):
+    """--max-connection-age: once a connection is that old the server sends GOAWAY; the client opens
+    a new connection (hashed afresh over the workers / replicas) and no call fails, the one in
+    flight across the GOAWAY included (it finishes within the grace)."""
+    import grpc
+
+    handle = fresh_server(max_connection_age_s=0.3, max_connection_age_grace_s=10.0).start()
+    client = handle.client()
+    states: list = []
+    client.channel.subscribe(states.append, try_to_connect=True)
+    x = serving_repo.X_test[:20]
+    expected = serving_repo.estimator.log_prob(x.astype(np.float64)).numpy()
+
+    blocker = block_graph(handle, G, "score")
+    in_flight = handle.submit(_score_in_thread(client, x))
+    assert blocker.entered.wait(10), "the request never reached the session"
+    time.sleep(0.8)  # past the age: the GOAWAY reaches the connection while the call is in flight
+    blocker.release.set()
+    np.testing.assert_allclose(in_flight.result(10), expected, rtol=1e-5)
+
+    deadline = time.monotonic() + 10
+    calls = 0
+    while states.count(grpc.ChannelConnectivity.READY) < 3 and time.monotonic() < deadline and calls < 200:
+        np.testing.assert_allclose(client.score(G, x), expected, rtol=1e-5)  # every call answered
+        calls += 1
+        time.sleep(0.02)
+    assert states.count(grpc.ChannelConnectivity.READY) >= 3, states  # connected, then twice again
+
+
 def test_drain_gives_up_after_its_timeout(fresh_server, serving_repo, block_graph):
     handle = fresh_server().start()
     blocker = block_graph(handle, G, "score")

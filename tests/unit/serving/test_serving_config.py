@@ -44,6 +44,7 @@ def test_environment_then_explicit_values(monkeypatch, tmp_path):
     ({"max_rows_per_request": 0}, "max_rows_per_request", "greater than or equal to 1"),
     ({"max_message_bytes": 10}, "max_message_bytes", "greater than or equal to"),
     ({"drain_seconds": -1}, "drain_seconds", "greater than or equal to 0"),
+    ({"max_connection_age_s": -1}, "max_connection_age_s", "greater than or equal to 0"),
     ({"no_such_setting": 1}, "no_such_setting", "Extra inputs are not permitted"),
 ])
 def test_invalid_settings_name_the_field(overrides, field, phrase):
@@ -105,3 +106,14 @@ def test_one_runner_per_process_keeps_runs_of_a_few_ms_on_the_event_loop(monkeyp
     assert Settings(workers=2).inline_budget_us == SINGLE_RUNNER_INLINE_BUDGET_US
     assert Settings(worker_threads=1).inline_budget_us == SINGLE_RUNNER_INLINE_BUDGET_US
     assert Settings(workers=2, inline_budget_us=300).inline_budget_us == 300.0  # explicit wins
+
+
+def test_server_options_ask_old_connections_to_go_only_when_an_age_is_set(tmp_path):
+    """gRPC's own channel arguments (milliseconds), so that grpc core sends the GOAWAY itself."""
+    plain = dict(Settings(repo=tmp_path).server_grpc_options())
+    assert plain["grpc.so_reuseport"] == 0 and "grpc.max_connection_age_ms" not in plain
+    aged = dict(Settings(repo=tmp_path, workers=2, max_connection_age_s=30.0,
+                         max_connection_age_grace_s=2.5).server_grpc_options())
+    assert aged["grpc.so_reuseport"] == 1
+    assert (aged["grpc.max_connection_age_ms"], aged["grpc.max_connection_age_grace_ms"]) == (30_000, 2_500)
+    assert aged["grpc.max_receive_message_length"] == 64 * 1024 * 1024

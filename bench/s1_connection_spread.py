@@ -1,0 +1,150 @@
+"""How evenly a few long-lived client connections spread over ``--workers`` processes.
+
+SO_REUSEPORT hashes each new connection to one worker and it stays there, so with few clients
+(each gRPC channel keeps one HTTP/2 connection) one worker may serve most of them while the other
+idles — S1's 1 × 64 cell with four h2load connections had one round at ~105 % server CPU instead of
+~185 %. ``--max-connection-age`` makes gRPC ask each connection to go after that many seconds; the
+clients reconnect and are hashed afresh, so over a run the load evens out.
+
+Each round starts ``genserve serve --workers 2`` on the S1 GMM graph, runs ``--clients`` client
+threads (each with its own channel and connection) calling ModelInfer with one row for
+``--seconds``, and reads how many requests each worker answered from its own metrics endpoint
+(``metrics_port + i``). Reported per setting: the busier worker's share of the requests in each
+round (0.5 = even, 1.0 = one worker did everything) and the failed calls (must be 0: a GOAWAY
+must not fail a call).
+
+    .venv/bin/python bench/s1_connection_spread.py --rounds 6 --seconds 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import REPO_ROOT, write_results  # noqa: E402
+from s1_serving import CACHE, build_graphs, free_port, infer_request  # noqa: E402
+
+sys.path.insert(0, str(REPO_ROOT))
+from serving.api import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+
+WORKERS = 2
+
+
+def worker_requests(metrics_port: int, model: str) -> float:
+    """ModelInfer requests answered OK by the worker whose metrics endpoint this is."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
+        text = reply.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("genserve_requests_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+            if labels.get("method") == "ModelInfer" and labels.get("model") == model and labels.get("code") == "OK":
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def wait_ready(target: str, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(target) as channel:
+                grpc.channel_ready_future(channel).result(timeout=1)
+                return
+        except grpc.FutureTimeoutError:
+            time.sleep(0.2)
+    raise RuntimeError(f"server at {target} not ready after {seconds} s")
+
+
+def drive(target: str, request, seconds: float, counts: list, failures: list, index: int) -> None:
+    """One client: its own channel (a local subchannel pool, so its own TCP connection)."""
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            try:
+                stub.ModelInfer(request, timeout=10)
+                counts[index] += 1
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code().name}: {exc.details()}")
+
+
+def one_round(repo: Path, model: str, clients: int, seconds: float, age: float) -> dict:
+    port, metrics_port = free_port(), free_port()
+    while metrics_port + 1 == port:
+        metrics_port = free_port()
+    command = [sys.executable, "-m", "genserve", "serve", "--repo", str(repo), "--port", str(port),
+               "--metrics-port", str(metrics_port), "--workers", str(WORKERS), "--providers", "CPUExecutionProvider",
+               "--reload-interval", "0", "--log-level", "WARNING", "--max-connection-age", str(age)]
+    server = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_ready(target)
+        request = infer_request(model, 1, 64)
+        counts, failures = [0] * clients, []
+        threads = [threading.Thread(target=drive, args=(target, request, seconds, counts, failures, i))
+                   for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        served = [worker_requests(metrics_port + i, model) for i in range(WORKERS)]
+    finally:
+        server.terminate()
+        server.wait(30)
+    total = sum(served)
+    return {"age_s": age, "per_worker": served, "busier_share": max(served) / total if total else None,
+            "calls": sum(counts), "failed": len(failures), "failures": failures[:5]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--ages", default="0,2", help="comma-separated --max-connection-age values to compare")
+    parser.add_argument("--name", default="s1_connection_spread")
+    args = parser.parse_args()
+    repo = CACHE / "spread-repo"
+    model = build_graphs(repo, ["gmm"])["gmm"]["model"]
+    ages = [float(a) for a in args.ages.split(",")]
+    rounds = []
+    for r in range(args.rounds):
+        for age in ages:  # interleaved, so a slow spell of the machine hits both
+            result = one_round(repo, model, args.clients, args.seconds, age)
+            rounds.append(result)
+            print(f"round {r + 1} age {age:g} s: per worker {result['per_worker']}, busier share "
+                  f"{result['busier_share']:.2f}, failed {result['failed']}", flush=True)
+    print(f"\n{args.clients} clients (one connection each), --workers {WORKERS}, {args.seconds:g} s per round\n")
+    print("| --max-connection-age | rounds | busier worker's share, median | worst | calls/s, median | failed calls |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    summary = []
+    for age in ages:
+        mine = [r for r in rounds if r["age_s"] == age]
+        shares = [r["busier_share"] for r in mine]
+        rates = [r["calls"] / args.seconds for r in mine]
+        row = {"age_s": age, "rounds": len(mine), "busier_share_median": statistics.median(shares),
+               "busier_share_worst": max(shares), "calls_per_s_median": statistics.median(rates),
+               "failed": sum(r["failed"] for r in mine)}
+        summary.append(row)
+        print(f"| {age:g} s{' (off)' if age == 0 else ''} | {row['rounds']} | {row['busier_share_median']:.2f} | "
+              f"{row['busier_share_worst']:.2f} | {row['calls_per_s_median']:,.0f} | {row['failed']} |")
+    write_results(args.name, {"clients": args.clients, "workers": WORKERS, "seconds": args.seconds,
+                              "summary": summary, "rounds": rounds})
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
