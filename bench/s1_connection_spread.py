@@ -29,7 +29,6 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -146,5 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()
