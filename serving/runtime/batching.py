@@ -46,10 +46,11 @@ Policy
     * A lone request too costly for the loop alone (a 1,024-row GMM request, ~0.5 ms) is shared:
       when it is the only request in the server, nothing else is queued or running here and two
       run slots are free, the loop computes the larger share itself (within the budget) while one
-      runner computes the rest. Two runners
-      would cost two wake-ups of sleeping threads (to the runner, ~60 µs, and back to the loop,
-      100-190 µs); sharing costs one, overlapped with the loop's own share (measured in the
-      server, 1,024-row GMM requests one at a time: handler p50 -6 to -10 %).
+      runner computes the rest. Two runners would cost two wake-ups of sleeping threads (to the
+      runner, ~60 µs, and back to the loop, 100-190 µs); sharing costs one, overlapped with the
+      loop's own share (measured in the server, 1,024-row GMM requests one at a time: handler p50
+      -6 to -10 %). A lone request cheap enough for the loop whose rows amortise the run's fixed
+      cost runs at once, without gathering (``_run_now``).
     * That inline run waits while the event loop still has other callbacks ready, up to
       ``inline_gather`` (default 2 ms) after its oldest request arrived: gRPC hands the loop one
       request per wake-up, so "the requests of this iteration" is nearly always one, and a loop
@@ -110,8 +111,8 @@ QUIET_ITERATIONS = 8
 # cores: ~60 µs from the queue to its start) and should end first, or the loop waits for a wake-up.
 HANDOVER_S = 0.0001
 # A lone request runs on the loop at once, without gathering, when the run's fixed cost is at most
-# this share of its estimate (``Batcher._run_now``): merging it would save little. GMM: ~300 rows.
-SOLO_FIXED_SHARE = 0.25
+# this share of its rows' cost (``Batcher._run_now``): merging it would save little. GMM: ~250 rows.
+SOLO_FIXED_SHARE = 1 / 3
 # Relative step of the cost model's correction per run (see ``Batcher._learn``).
 CORRECTION_STEP = 1.05
 
@@ -317,15 +318,15 @@ class Batcher:
         request.afuture = loop.create_future()
         if self._inline_ok(request.rows):
             if (request.ctx is not None and request.ctx.sole and not self._inline
-                    and self._overhead <= SOLO_FIXED_SHARE * (self._overhead + self._per_row * request.rows)):
+                    and request.rows >= (self._amortising_rows(SOLO_FIXED_SHARE) or 0)):
                 self._run_now(request)  # sets the future: the await below returns without a loop turn
-                return await request.afuture
-            self._inline.append(request)
-            self._inline_rows += request.rows
-            if not self._inline_scheduled:
-                self._inline_scheduled = True
-                self._inline_seen = self._inline_quiet = 0
-                loop.call_soon(self._drain_inline, loop)
+            else:
+                self._inline.append(request)
+                self._inline_rows += request.rows
+                if not self._inline_scheduled:
+                    self._inline_scheduled = True
+                    self._inline_seen = self._inline_quiet = 0
+                    loop.call_soon(self._drain_inline, loop)
         elif not self._share_with_loop(request):
             self._enqueue(request)
         return await request.afuture
@@ -351,10 +352,10 @@ class Batcher:
         When the request is the only one in the server (``ctx.sole``: under load the loop's time
         belongs to reading the next requests), nothing else is queued or running here and two run
         slots are free, the loop computes the first rows itself while one runner computes the rest
-        on the other core: the request
-        pays one hand-over, which overlaps the loop's own share, instead of two (to a runner and
-        back, each a wake-up of a sleeping thread; measured on 2 cores for a lone 1,024-row GMM
-        request: 60 µs from the queue to the runner's start, 100-190 µs from its end to the loop).
+        on the other core: the request pays one hand-over, which overlaps the loop's own share,
+        instead of two (to a runner and back, each a wake-up of a sleeping thread; measured on 2
+        cores for a lone 1,024-row GMM request: 60 µs from the queue to the runner's start,
+        100-190 µs from its end to the loop).
         The loop's share is the larger by ``HANDOVER_S`` of compute, so the runner usually ends
         first and the loop answers as soon as its own share is done; the share must fit the inline
         budget, which bounds how long the loop is blocked, as for any inline run.
@@ -420,10 +421,7 @@ class Batcher:
         now = time.monotonic()
         groups: dict[object, list[_Request]] = {}
         for request in pending:
-            error = _stop_reason(request.ctx, now)
-            if error is not None:
-                request.done = True
-                self._deliver_error(request, error)
+            if self._dropped(request, now):
                 continue
             groups.setdefault(self._key(request.feeds), []).append(request)
         for requests in groups.values():
@@ -445,18 +443,23 @@ class Batcher:
         callback, then loop iterations until they bring nothing new (``QUIET_ITERATIONS`` on
         uvloop), then another turn to resume the handler (in-process, a lone 1,024-row GMM request:
         ~90 µs). The caller (``infer``) skips that only for the only request in the server whose
-        run's fixed cost is at most ``SOLO_FIXED_SHARE`` of its estimate: "only request in flight"
+        run's fixed cost is at most ``SOLO_FIXED_SHARE`` of its rows' cost: "only request in flight"
         is no promise that none is coming, as gRPC may have read several whose handlers have not
         started yet, and one-row requests run each alone would pay the fixed cost each instead of
         once per batch; a large request saves little by merging. (With the path toggled every 200
         requests in one ``--workers 2`` server, 1 x 8 one-row handler times did not move.)
         """
-        error = _stop_reason(request.ctx, time.monotonic())
-        if error is not None:
-            request.done = True
-            self._deliver_error(request, error)
-            return
-        self._run_inline([request])
+        if not self._dropped(request, time.monotonic()):
+            self._run_inline([request])
+
+    def _dropped(self, request: _Request, now: float) -> bool:
+        """Answer a request whose client has gone or whose deadline has passed with its error."""
+        error = _stop_reason(request.ctx, now)
+        if error is None:
+            return False
+        request.done = True
+        self._deliver_error(request, error)
+        return True
 
     def _run_inline(self, requests: list[_Request]) -> None:
         if self._slots is not None and not self._slots.acquire(blocking=False):
@@ -558,10 +561,14 @@ class Batcher:
         input and leaves the other runners idle (measured: 1,024-row GMM requests merged four at a
         time ran on one runner while the second waited).
         """
-        limit = self.policy.max_batch_size
-        if self._per_row > 0 and self._overhead > 0:
-            limit = min(limit, max(1, math.ceil(self._overhead / (self._per_row * MERGE_OVERHEAD_SHARE))))
-        return limit
+        rows = self._amortising_rows(MERGE_OVERHEAD_SHARE)
+        return min(self.policy.max_batch_size, rows) if rows else self.policy.max_batch_size
+
+    def _amortising_rows(self, share: float) -> int | None:
+        """Rows from which a run's fixed cost is at most ``share`` of their cost (None: no cost known)."""
+        if self._per_row <= 0:
+            return None
+        return math.ceil(self._overhead / (self._per_row * share))
 
     def _form_batch(self) -> tuple[list[_Piece], list[tuple[_Request, ServingError]]]:
         limit = self.merge_limit()

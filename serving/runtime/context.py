@@ -55,7 +55,8 @@ class RunContext:
     observer: RunObserver | None = None
     cancelled: CancelFlag = field(default_factory=CancelFlag)
     # Set by the servicer when this is the only request the server is handling: the event loop
-    # has nothing else to do, so the batcher may compute a share of it there (Batcher._share_with_loop).
+    # has nothing else to do, so the batcher may run it there at once (Batcher._run_now) or compute
+    # a share of it there (Batcher._share_with_loop).
     sole: bool = False
     _queued: set[str] = field(default_factory=set)
 

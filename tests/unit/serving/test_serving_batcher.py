@@ -292,8 +292,8 @@ def test_a_shared_request_that_fails_gets_its_error_once():
 
 
 def test_a_sole_request_that_needs_no_merging_runs_inline_without_waiting_for_a_loop_turn():
-    """The only request in the server whose run's fixed cost is at most a quarter of its estimate
-    (from 6 rows here) runs within the handler: its coroutine completes at the first step, without
+    """The only request in the server whose run's fixed cost is at most a third of its rows' cost
+    (7 rows here) runs within the handler: its coroutine completes at the first step, without
     suspending. A smaller sole request, or one with others in flight, gathers first (its coroutine
     suspends until the loop has run the batch): gRPC may have read requests that could join it. A
     sole request whose deadline already passed gets DEADLINE_EXCEEDED without a run."""
