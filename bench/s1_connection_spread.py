@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -33,7 +32,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO_ROOT, write_results  # noqa: E402
-from s1_serving import CACHE, build_graphs, free_port, infer_request  # noqa: E402
+from s1_serving import (CACHE, build_graphs, free_port, infer_request, start_genserve,  # noqa: E402
+                        stop_process, wait_ready)
 
 sys.path.insert(0, str(REPO_ROOT))
 from serving.api import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
@@ -54,18 +54,6 @@ def worker_requests(metrics_port: int, model: str) -> float:
     return total
 
 
-def wait_ready(target: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with grpc.insecure_channel(target) as channel:
-                grpc.channel_ready_future(channel).result(timeout=1)
-                return
-        except grpc.FutureTimeoutError:
-            time.sleep(0.2)
-    raise RuntimeError(f"server at {target} not ready after {seconds} s")
-
-
 def drive(target: str, request, seconds: float, counts: list, failures: list, index: int) -> None:
     """One client: its own channel (a local subchannel pool, so its own TCP connection)."""
     options = [("grpc.use_local_subchannel_pool", 1)]
@@ -80,17 +68,12 @@ def drive(target: str, request, seconds: float, counts: list, failures: list, in
                 failures.append(f"{exc.code().name}: {exc.details()}")
 
 
-def one_round(repo: Path, model: str, clients: int, seconds: float, age: float) -> dict:
-    port, metrics_port = free_port(), free_port()
-    while metrics_port + 1 == port:
-        metrics_port = free_port()
-    command = [sys.executable, "-m", "genserve", "serve", "--repo", str(repo), "--port", str(port),
-               "--metrics-port", str(metrics_port), "--workers", str(WORKERS), "--providers", "CPUExecutionProvider",
-               "--reload-interval", "0", "--log-level", "WARNING", "--max-connection-age", str(age)]
-    server = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    target = f"127.0.0.1:{port}"
+def one_round(repo: Path, workdir: Path, model: str, clients: int, seconds: float, age: float) -> dict:
+    metrics_port = free_port()  # worker i serves its metrics on metrics_port + i
+    server, target, log_path = start_genserve(repo, workdir, ["--workers", str(WORKERS), "--max-connection-age",
+                                                              str(age)], metrics_port=metrics_port)
     try:
-        wait_ready(target)
+        wait_ready(target, model, server, log_path)
         request = infer_request(model, 1, 64)
         counts, failures = [0] * clients, []
         threads = [threading.Thread(target=drive, args=(target, request, seconds, counts, failures, i))
@@ -101,8 +84,7 @@ def one_round(repo: Path, model: str, clients: int, seconds: float, age: float) 
             t.join()
         served = [worker_requests(metrics_port + i, model) for i in range(WORKERS)]
     finally:
-        server.terminate()
-        server.wait(30)
+        stop_process(server)
     total = sum(served)
     return {"age_s": age, "per_worker": served, "busier_share": max(served) / total if total else None,
             "calls": sum(counts), "failed": len(failures), "failures": failures[:5]}
@@ -116,13 +98,14 @@ def main() -> None:
     parser.add_argument("--ages", default="0,2", help="comma-separated --max-connection-age values to compare")
     parser.add_argument("--name", default="s1_connection_spread")
     args = parser.parse_args()
-    repo = CACHE / "spread-repo"
+    repo, workdir = CACHE / "spread-repo", CACHE / "spread-logs"
+    workdir.mkdir(parents=True, exist_ok=True)
     model = build_graphs(repo, ["gmm"])["gmm"]["model"]
     ages = [float(a) for a in args.ages.split(",")]
     rounds = []
     for r in range(args.rounds):
         for age in ages:  # interleaved, so a slow spell of the machine hits both
-            result = one_round(repo, model, args.clients, args.seconds, age)
+            result = one_round(repo, workdir, model, args.clients, args.seconds, age)
             rounds.append(result)
             print(f"round {r + 1} age {age:g} s: per worker {result['per_worker']}, busier share "
                   f"{result['busier_share']:.2f}, failed {result['failed']}", flush=True)

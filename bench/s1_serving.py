@@ -229,12 +229,13 @@ def _log_cell(result: dict[str, Any]) -> None:
 
 
 # ---- systems -------------------------------------------------------------------------------------
-def start_genserve(repo: Path, workdir: Path, extra: list[str]) -> tuple[subprocess.Popen, str, Path]:
+def start_genserve(repo: Path, workdir: Path, extra: list[str],
+                   metrics_port: int | None = None) -> tuple[subprocess.Popen, str, Path]:
     port = free_port()
     log_path = workdir / f"genserve-{port}.log"
     cmd = [sys.executable, "-m", "genserve", "serve", "--repo", str(repo), "--port", str(port), "--metrics-port",
-           str(free_port()), "--providers", "CPUExecutionProvider", "--log-level", "WARNING", "--reload-interval", "0",
-           *extra]
+           str(metrics_port or free_port()), "--providers", "CPUExecutionProvider", "--log-level", "WARNING",
+           "--reload-interval", "0", *extra]
     process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     return process, f"127.0.0.1:{port}", log_path
 
