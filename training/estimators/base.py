@@ -20,7 +20,10 @@ One piece of maths per family, used three ways. ``fit`` produces a *fitted core*
 ``log_prob`` and ``sample`` below call the core directly; ``export_graphs`` wraps the same core
 in the ``score`` and ``sample`` graphs that the exporter turns into ONNX. So the served graph
 and the torch estimator cannot disagree except by the exporter's numerics, which the export
-check measures.
+check measures. One licensed difference: a core may offer ``served_log_prob(x)``, the same
+log-density with its final log-sum-exp taking float32 exponentials (``served_logsumexp``: well
+within the float32 output's rounding, and the served graph's slowest node otherwise), which the
+score graph uses instead of ``log_prob``.
 """
 
 from __future__ import annotations
@@ -48,14 +51,16 @@ class ExportGraph:
 
 
 class ScoreGraph(nn.Module):
-    """x float32 [N, d] -> log_prob float32 [N]; computes in float64 inside."""
+    """x float32 [N, d] -> log_prob float32 [N]; computes in float64 inside (the core's
+    ``served_log_prob`` where it has one, else its ``log_prob``)."""
 
     def __init__(self, core: nn.Module):
         super().__init__()
         self.core = core
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.core.log_prob(x.to(torch.float64)).to(torch.float32)
+        score = getattr(self.core, "served_log_prob", self.core.log_prob)
+        return score(x.to(torch.float64)).to(torch.float32)
 
 
 class SampleGraph(nn.Module):

@@ -41,7 +41,9 @@ matrix products. Then
     log N(x; mu_k, Sigma_k) = -d/2 log(2 pi) + sum_j log diag(P_k)_j - 1/2 ||x P_k - mu_k P_k||^2
 
 and log p(x) = m + log sum_k exp(a_k - m) with m = max_k a_k, written out (not torch.logsumexp)
-so the legacy ONNX exporter emits plain ReduceMax/Exp/ReduceSum/Log.
+so the legacy ONNX exporter emits plain ReduceMax/Exp/ReduceSum/Log. The served score graph
+takes those exponentials in float32 (``served_logsumexp``; a 1,024-row S1 run 286 -> 218 us,
+outputs equal to float32 rounding); fitting and ``log_prob`` stay float64.
 
 Sampling from noise. A uniform u picks component k = #{j : c_j < u} (c the cumulative weights,
 clamped to K - 1 against rounding), and a standard normal z becomes x = mu_k + L_k z (full: the
@@ -67,6 +69,7 @@ from tqdm.auto import tqdm
 from serving.repository.manifest import TensorSpec
 from training.neural import capped_threads
 from training.estimators.base import DensityEstimator
+from training.estimators.served_logsumexp import log_sum_exp_float32_exp
 
 COVARIANCE_TYPES = ("full", "diag")
 SELECTIONS = ("validation", "bic")
@@ -120,6 +123,10 @@ class _MixtureCore(nn.Module):
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         return _log_sum_exp(self.log_joint(x))
+
+    def served_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log_prob`` for the score graph: float32 exponentials in the log-sum-exp (log_joint is finite)."""
+        return log_sum_exp_float32_exp(self.log_joint(x))
 
     def noise_specs(self) -> list[TensorSpec]:
         return [TensorSpec(name="u", shape=[-1], noise="uniform"),
