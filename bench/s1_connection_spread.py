@@ -19,24 +19,18 @@ must not fail a call).
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-import sys
 import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import REPO_ROOT, write_results  # noqa: E402
-from s1_serving import (CACHE, build_graphs, free_port, infer_request, start_genserve,  # noqa: E402
-                        stop_process, wait_ready)
-
-sys.path.insert(0, str(REPO_ROOT))
-from serving.api import grpc_service_pb2_grpc as pb_grpc  # noqa: E402
+from common import write_results
+from s1_serving import CACHE, build_graphs, free_port, infer_request, start_genserve, stop_process, wait_ready
+from serving.api import grpc_service_pb2_grpc as pb_grpc
 
 WORKERS = 2
 
@@ -45,13 +39,10 @@ def worker_requests(metrics_port: int, model: str) -> float:
     """ModelInfer requests answered OK by the worker whose metrics endpoint this is."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as reply:
         text = reply.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("genserve_requests_total{"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-            if labels.get("method") == "ModelInfer" and labels.get("model") == model and labels.get("code") == "OK":
-                total += float(line.rsplit(" ", 1)[1])
-    return total
+    wanted = {"method": "ModelInfer", "model": model, "code": "OK"}
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "genserve_requests_total" and wanted.items() <= sample.labels.items())
 
 
 def drive(target: str, request, seconds: float, counts: list, failures: list, index: int) -> None:

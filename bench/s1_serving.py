@@ -509,34 +509,44 @@ def in_process(onnx_path: Path, dim: int, batch: int, threads: int, callers: int
 
 
 # ---- the graphs ----------------------------------------------------------------------------------
-def build_graphs(repo: Path, wanted: list[str]) -> dict[str, dict[str, Any]]:
-    import onnx
-
+def fit_estimators(wanted: list[str]) -> dict[str, tuple[Any, Any]]:
+    """S1's fitted estimators, each with the dataset it is published with: a 16-component diagonal
+    GMM on digits, and a gaussian KDE on S2's 10,000 standard-normal points in 64-D (h = 2)."""
     from training import datasets, registry
     from training.datasets import Dataset
-    from training.publish import publish
 
-    graphs = {}
+    fitted = {}
     if "gmm" in wanted:
         data = datasets.load("digits")
         estimator = registry.get("gmm").create(n_components=16, covariance_type="diag")
         estimator.fit_dataset(data)
-        path, manifest = publish(estimator, repo, "s1-gmm", data, calibration=None, metrics={},
-                                 description="S1: 16-component diagonal GMM on digits")
-        graphs["gmm"] = {"model": "s1-gmm", "onnx": path / manifest.graphs["score"].file, "dim": 64,
-                         "what": "GMM, 16 diagonal components, digits (64-D)"}
+        fitted["gmm"] = (estimator, data)
     if "kde" in wanted:
         rng = np.random.default_rng(0)
         X = rng.standard_normal((10_000, 64)).astype(np.float32).astype(np.float64)
         Q = rng.standard_normal((256, 64)).astype(np.float32).astype(np.float64)
-        estimator = registry.get("kde").create(kernel="gaussian", bandwidth=2.0).fit(X)
-        path, manifest = publish(estimator, repo, "s1-kde", Dataset("s2-gaussian64", X, Q), calibration=None,
-                                 metrics={}, description="S1: KDE on 10,000 points (S2), h = 2")
-        graphs["kde"] = {"model": "s1-kde", "onnx": path / manifest.graphs["score"].file, "dim": 64,
-                         "what": "KDE, gaussian kernel, 10,000 points in 64-D (S2)"}
-    for g in graphs.values():
-        model = onnx.load(str(g["onnx"]))
-        g["opset"] = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+        fitted["kde"] = (registry.get("kde").create(kernel="gaussian", bandwidth=2.0).fit(X),
+                         Dataset("s2-gaussian64", X, Q))
+    return fitted
+
+
+GRAPHS = {"gmm": ("s1-gmm", "S1: 16-component diagonal GMM on digits", "GMM, 16 diagonal components, digits (64-D)"),
+          "kde": ("s1-kde", "S1: KDE on 10,000 points (S2), h = 2", "KDE, gaussian kernel, 10,000 points in 64-D (S2)")}
+
+
+def build_graphs(repo: Path, wanted: list[str]) -> dict[str, dict[str, Any]]:
+    import onnx
+
+    from training.publish import publish
+
+    graphs = {}
+    for key, (estimator, data) in fit_estimators(wanted).items():
+        model, description, what = GRAPHS[key]
+        path, manifest = publish(estimator, repo, model, data, calibration=None, metrics={}, description=description)
+        onnx_path = path / manifest.graphs["score"].file
+        opsets = onnx.load(str(onnx_path)).opset_import
+        graphs[key] = {"model": model, "onnx": onnx_path, "dim": 64, "what": what,
+                       "opset": next((o.version for o in opsets if o.domain in ("", "ai.onnx")), None)}
     return graphs
 
 

@@ -1,7 +1,7 @@
 """Score graphs with the float64 log-sum-exp tail against the served one (float32 exponentials).
 
-The two S1 graphs, fitted as ``bench/s1_serving.py`` fits them (a 16-component diagonal GMM on
-scikit-learn's digits; a gaussian KDE on 10,000 standard-normal points in 64-D, h = 2), are
+The two S1 graphs, fitted by ``bench/s1_serving.py``'s ``fit_estimators`` (a 16-component diagonal
+GMM on scikit-learn's digits; a gaussian KDE on 10,000 standard-normal points in 64-D, h = 2), are
 exported twice from the same fitted core: once with the core's float64 ``log_prob`` (what every
 score graph computed before ``training/estimators/served_logsumexp.py``) and once as published
 (``ScoreGraph``: the core's ``served_log_prob``). Each graph runs in onnxruntime in-process, CPU
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -26,9 +25,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from common import log, machine_info, machine_line, print_table, write_results
+from common import log, machine_info, machine_line, print_table, time_call, write_results
+from s1_serving import fit_estimators
 from serving.repository.manifest import TensorSpec
-from training import datasets, registry
 from training.estimators.base import ExportGraph, ScoreGraph
 from training.export import export_onnx
 
@@ -44,15 +43,12 @@ class Float64TailScore(torch.nn.Module):
         return self.core.log_prob(x.to(torch.float64)).to(torch.float32)
 
 
-def fitted_cores() -> dict[str, tuple[torch.nn.Module, np.ndarray]]:
-    """S1's two estimators, each with request rows of its kind."""
-    rng = np.random.default_rng(0)
-    gmm = registry.get("gmm").create(n_components=16, covariance_type="diag")
-    gmm.fit_dataset(datasets.load("digits"))
-    points = rng.standard_normal((10_000, 64)).astype(np.float32).astype(np.float64)
-    kde = registry.get("kde").create(kernel="gaussian", bandwidth=2.0).fit(points)
-    return {"gmm": (gmm.core_, rng.random((1024, 64), dtype=np.float32)),
-            "kde": (kde.core_, rng.standard_normal((1024, 64)).astype(np.float32))}
+def request_rows() -> dict[str, np.ndarray]:
+    """Rows of each graph's kind, 1,024 of them: the S1 requests' uniform rows for the GMM,
+    standard-normal ones like its points for the KDE."""
+    rng = np.random.default_rng(1)
+    return {"gmm": rng.random((1024, 64), dtype=np.float32),
+            "kde": rng.standard_normal((1024, 64)).astype(np.float32)}
 
 
 def session(module: torch.nn.Module, x: np.ndarray, path: Path) -> ort.InferenceSession:
@@ -66,15 +62,6 @@ def session(module: torch.nn.Module, x: np.ndarray, path: Path) -> ort.Inference
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def per_run_seconds(run, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -84,7 +71,9 @@ def main() -> None:
     cases = {"gmm": [1, 64, 1024], "kde": [1, 64]}
     rows_out, results = [], []
     with tempfile.TemporaryDirectory(prefix="genserve-tail-") as tmp:
-        for name, (core, x) in fitted_cores().items():
+        rows_of = request_rows()
+        for name, (estimator, _) in fit_estimators(list(cases)).items():
+            core, x = estimator.core_, rows_of[name]
             exact = core.log_prob(torch.from_numpy(x).double()).numpy()
             graphs = {"float64 tail": session(Float64TailScore(core), x[:8], Path(tmp) / f"{name}-64.onnx"),
                       "served (float32 exp)": session(ScoreGraph(core), x[:8], Path(tmp) / f"{name}-32.onnx")}
@@ -98,7 +87,7 @@ def main() -> None:
                 timings: dict[str, list[float]] = {label: [] for label in graphs}
                 for _ in range(args.rounds):
                     for label, s in graphs.items():
-                        timings[label].append(per_run_seconds(lambda: s.run(None, feed), runs))
+                        timings[label].append(time_call(lambda: s.run(None, feed), repeats=runs)[0]["median_s"])
                 old, new = (statistics.median(timings[label]) for label in graphs)
                 log(f"  {name} {rows} rows: {old * 1e6:.0f} -> {new * 1e6:.0f} us")
                 rows_out.append([name, rows, f"{old * 1e6:,.0f}", f"{new * 1e6:,.0f}", f"{old / new:.2f}x",

@@ -42,8 +42,9 @@ matrix products. Then
 
 and log p(x) = m + log sum_k exp(a_k - m) with m = max_k a_k, written out (not torch.logsumexp)
 so the legacy ONNX exporter emits plain ReduceMax/Exp/ReduceSum/Log. The served score graph
-takes those exponentials in float32 (``served_logsumexp``; a 1,024-row S1 run 286 -> 218 us,
-outputs equal to float32 rounding); fitting and ``log_prob`` stay float64.
+takes those exponentials in float32 (``served_logsumexp``; a 1,024-row S1 run 1.3-2.0x faster
+in four runs of bench/served_tail.py, e.g. 289 -> 220 us, outputs equal to float32 rounding);
+fitting and ``log_prob`` stay float64.
 
 Sampling from noise. A uniform u picks component k = #{j : c_j < u} (c the cumulative weights,
 clamped to K - 1 against rounding), and a standard normal z becomes x = mu_k + L_k z (full: the

@@ -34,8 +34,8 @@ r^2 clamped at 0 (rounding can make it slightly negative) and take log of a valu
 max + log(sum(exp(a - max))) (not torch.logsumexp: plain ReduceMax/Exp/ReduceSum/Log) with
 the max clamped to a finite value, so that a row whose terms are all -inf gives -inf rather
 than NaN (-inf - -inf). The served gaussian graph takes that log-sum-exp's exponentials in
-float32 (``served_logsumexp``: a 64-row run of the S1 KDE 6.9 -> 4.3 ms, outputs equal
-to float32 rounding).
+float32 (``served_logsumexp``: a 64-row run of the S1 KDE 1.6-1.85x faster in four runs of
+bench/served_tail.py, e.g. 6.4 -> 4.1 ms, outputs equal to float32 rounding).
 
 The core's ``log_prob`` takes any number of rows and builds [N, n] matrices; the server chunks
 its requests, and the estimator's ``log_prob`` and cross-validation chunk themselves (about
