@@ -24,7 +24,8 @@ affects every system alike:
   small custom ``kserve.Model`` (onnxruntime, intra-op 1 thread: its best here) over its gRPC v2
   endpoint, binary (raw) tensors both ways;
 * ``floor`` / ``floor-w2`` — bare grpcio (``FLOOR_SERVER``: parse the request, return a ready-made
-  reply; 1 or 2 processes on one port): what no OIP server on Python grpcio can beat here (gmm only);
+  reply, with genserve's malloc settings; 1 or 2 processes on one port): what no OIP server on
+  Python grpcio can beat here (gmm only);
 * ``in-process`` — onnxruntime ``session.run`` in this process on the same file: the host's limit,
   (a) intra-op threads 2, one caller and (b) intra-op 1 thread, two calling threads.
 
@@ -318,6 +319,13 @@ FLOOR_SERVER = textwrap.dedent("""
     import grpc
 
     from serving.api import grpc_service_pb2 as pb
+    from serving.runtime.memory import keep_freed_memory
+
+    # genserve's default (malloc_keep_mb 64): without it glibc maps a fresh block for each
+    # 256-KiB request body and faults its pages in (110-140 minor faults per 1,024-row request,
+    # 0.2 with it), unless the process happened to free a larger block first. The previous S1
+    # run's floor got 1,024 x 1 p50s of 0.62 ms in some rounds and 1.1-1.3 ms in others.
+    keep_freed_memory(64 << 20)
 
     REPLIES = {}
 
