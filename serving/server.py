@@ -40,7 +40,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from serving.api import genserve_pb2 as pb
 from serving.api import genserve_pb2_grpc as pb_grpc
-from serving.api import grpc_service_pb2, grpc_service_pb2_grpc, model_config_pb2
+from serving.api import grpc_service_pb2, model_config_pb2
 from serving.config import Settings
 from serving.metrics import Metrics
 from serving.models.validation import Limits
@@ -49,7 +49,7 @@ from serving.runtime.memory import keep_freed_memory
 from serving.runtime.session import RuntimeOptions, SessionFactory
 from serving.services.generative import GenerativeServicer
 from serving.services.inference import SERVICE_NAME as OIP_SERVICE_NAME
-from serving.services.inference import InferenceServicer
+from serving.services.inference import InferenceServicer, add_inference_service
 from serving.services.reload import ModelManager
 from serving.services.state import ServingState
 
@@ -114,7 +114,7 @@ class GenServeServer:
         servicer = GenerativeServicer(self.state, self.executor, self.metrics, limits)
         pb_grpc.add_GenerativeServiceServicer_to_server(servicer, server)
         self.inference = InferenceServicer(self.state, self.metrics, limits, self.manager, _version())
-        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(self.inference, server)
+        add_inference_service(self.inference, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for service in SERVER_SERVICES:
             await self.health.set(service, NOT_SERVING)

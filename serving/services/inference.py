@@ -51,6 +51,7 @@ from serving.repository.loader import LoadedModel, Repository
 from serving.repository.noise import draw_noise
 from serving.runtime.context import RunContext
 from serving.runtime.session import GraphSession
+from serving.services.infer_request import parse_infer_request
 from serving.services.reload import ModelManager
 from serving.services.state import ServingState
 from serving.services.status import status_of
@@ -567,6 +568,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                                           f"set its binary_data parameter")
                 getattr(tensor.contents, field).extend(array.ravel().tolist())
         return response
+
+
+class _HandlerCapture:
+    """Stands in for the server while the generated code builds the service's method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.handlers = dict(handlers)
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the OIP service as the generated code does, but with ModelInfer's requests parsed
+    by ``parse_infer_request`` (raw tensors of large requests are not copied)."""
+    capture = _HandlerCapture()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
+    handlers = capture.handlers
+    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(request_deserializer=parse_infer_request)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
 
 def _stream_error(request: Any, message: str) -> pb.ModelStreamInferResponse:

@@ -19,6 +19,7 @@ from oip_helpers import (FIXED, GENERIC, InferenceServerException, client, code_
                          triton, triton_grpc, triton_pb, write_fixed_model, write_generic_model)
 from serving.client import ClientError, GenServeClient
 from serving.repository.noise import draw_noise
+from serving.services.infer_request import ZERO_COPY_MIN_BYTES
 
 G = "grid25-gaussian"
 
@@ -98,6 +99,22 @@ def test_infer_raw_matches_the_estimator_and_detect(tc, oip, serving_repo):
                     parameters={"contamination": 0.3})
     assert only.as_numpy("log_prob") is None
     np.testing.assert_array_equal(only.as_numpy("is_anomaly"), rate.is_anomaly)
+
+
+def test_large_raw_request_parsed_without_copies_gets_the_same_answers_and_checks(tc, serving_repo):
+    """Above ZERO_COPY_MIN_BYTES the request's tensor is a view on gRPC's bytes (infer_request.py)."""
+    x = np.random.default_rng(5).normal(size=(12_000, 2)).astype(np.float32)
+    assert x.nbytes >= ZERO_COPY_MIN_BYTES
+    result = tc.infer(G, [infer_input("x", x)])
+    expected = serving_repo.estimator.log_prob(x.astype(np.float64)).numpy()
+    np.testing.assert_allclose(result.as_numpy("log_prob"), expected, rtol=1e-5)
+    x[7_777, 1] = np.nan
+    with pytest.raises(InferenceServerException) as info:
+        tc.infer(G, [infer_input("x", x)])
+    assert code_of(info.value) == "INVALID_ARGUMENT" and "row 7777 contains NaN" in info.value.message()
+    with pytest.raises(InferenceServerException) as info:
+        tc.infer(G, [infer_input("x", np.zeros((12_000, 3), np.float32))])
+    assert code_of(info.value) == "INVALID_ARGUMENT" and "x.shape" in info.value.message()
 
 
 def test_infer_typed_contents_gets_typed_outputs(oip, serving_repo):
