@@ -9,9 +9,17 @@ parameters, a few hundred bytes — goes through ``FromString``. A protobuf mess
 of its fields in any order, so the rest parses to exactly the request minus its raw contents.
 
 Small requests (a one-row request is ~300 bytes) are cheaper to parse whole: below
-``ZERO_COPY_MIN_BYTES`` this is plain ``FromString``. Anything the walk does not expect (a
-truncated varint, a wire type protobuf no longer uses) is also left to ``FromString``, which
-raises for bytes that are not a message, exactly as the stock deserializer does.
+``ZERO_COPY_MIN_BYTES`` this is plain ``FromString``. Anything the walk does not expect is left
+to ``FromString``, which parses or rejects it exactly as the stock deserializer does: a
+truncated field, a wire type protobuf no longer uses (groups), a tag or length encoded in more
+than 5 bytes (which upb rejects), and any request with more than ``MAX_FIELDS`` top-level fields
+or ``MAX_RAW_ENTRIES`` raw tensors — the walk is Python on the event loop, and a 64-MiB request
+made of millions of 2-byte fields would otherwise hold the loop for seconds (a real request has
+a few fields and one raw tensor per input).
+
+The tensors are views at whatever offset the sender's header ends on, so an FP32 array may be
+unaligned: onnxruntime runs it as fast, NumPy's finite-check sum ~1.4x slower (23 against 17 µs
+at 256 KiB), which still costs less than the copy it replaces.
 """
 
 from __future__ import annotations
@@ -21,6 +29,9 @@ from typing import Any
 from serving.api import grpc_service_pb2 as pb
 
 ZERO_COPY_MIN_BYTES = 64 * 1024
+MAX_FIELDS = 1024
+MAX_RAW_ENTRIES = 256
+MAX_HEADER_VARINT_BYTES = 5  # a tag or a length (both < 2**32): upb rejects longer encodings
 RAW_INPUT_CONTENTS = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
 LENGTH_DELIMITED, VARINT, FIXED64, FIXED32 = 2, 0, 1, 5
 
@@ -39,6 +50,8 @@ class InferRequestView:
         self.raw_input_contents = raw_input_contents
 
     def __getattr__(self, name: str) -> Any:
+        if name in self.__slots__:  # not set yet (copy.copy builds the object without __init__)
+            raise AttributeError(name)
         return getattr(self.message, name)
 
 
@@ -57,22 +70,30 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def split_raw_contents(data: bytes) -> tuple[bytes, list[memoryview]] | None:
     """(the request's bytes without its raw_input_contents, views on those), or None when the
-    bytes hold something this walk does not handle (FromString then decides)."""
+    bytes hold no raw tensor or something this walk leaves to FromString (see the module
+    docstring)."""
     view = memoryview(data)
     kept: list[memoryview] = []
     raws: list[memoryview] = []
-    pos = start = 0
+    pos = start = fields = 0
     size = len(data)
     try:
         while pos < size:
+            fields += 1
+            if fields > MAX_FIELDS:
+                return None
             tag, after_tag = _varint(data, pos)
+            if after_tag - pos > MAX_HEADER_VARINT_BYTES:
+                return None
             wire_type = tag & 7
             if wire_type == LENGTH_DELIMITED:
                 length, body = _varint(data, after_tag)
                 end = body + length
-                if end > size:
+                if end > size or body - after_tag > MAX_HEADER_VARINT_BYTES:
                     return None
                 if tag >> 3 == RAW_INPUT_CONTENTS:
+                    if len(raws) == MAX_RAW_ENTRIES:
+                        return None
                     kept.append(view[start:pos])
                     raws.append(view[body:end])
                     start = end
@@ -87,7 +108,7 @@ def split_raw_contents(data: bytes) -> tuple[bytes, list[memoryview]] | None:
                 return None
     except (IndexError, ValueError):
         return None
-    if pos != size:
+    if pos != size or not raws:
         return None
     kept.append(view[start:size])
     return b"".join(kept), raws
@@ -95,9 +116,10 @@ def split_raw_contents(data: bytes) -> tuple[bytes, list[memoryview]] | None:
 
 def parse_infer_request(data: bytes) -> Any:
     """gRPC's request deserializer for ModelInfer: a message, or a view for large requests."""
-    if len(data) >= ZERO_COPY_MIN_BYTES:
+    # Views only on immutable bytes (gRPC hands its deserializer a fresh ``bytes`` per message).
+    if len(data) >= ZERO_COPY_MIN_BYTES and type(data) is bytes:
         split = split_raw_contents(data)
-        if split is not None and split[1]:
+        if split is not None:
             rest, raws = split
             return InferRequestView(pb.ModelInferRequest.FromString(rest), raws)
     return pb.ModelInferRequest.FromString(data)

@@ -208,7 +208,7 @@ def _shape_fits(shape: tuple[int, ...], info: TensorInfo) -> bool:
     return all(d >= 0 and e in (-1, d) for e, d in zip(info.shape, shape))
 
 
-def decode_input(tensor: Any, info: TensorInfo, raw: bytes | None) -> np.ndarray:
+def decode_input(tensor: Any, info: TensorInfo, raw: bytes | memoryview | None) -> np.ndarray:
     """One request input as a NumPy array (a read-only view on raw bytes when given)."""
     name = info.name
     if tensor.datatype != info.datatype:
@@ -583,13 +583,22 @@ class _HandlerCapture:
         self.handlers = dict(handlers)
 
 
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the OIP service as the generated code does, but with ModelInfer's requests parsed
-    by ``parse_infer_request`` (raw tensors of large requests are not copied)."""
+def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The OIP service's method handlers as the generated code builds them, except ModelInfer's,
+    whose requests ``parse_infer_request`` parses (raw tensors of large requests are not copied)."""
     capture = _HandlerCapture()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
     handlers = capture.handlers
-    handlers["ModelInfer"] = handlers["ModelInfer"]._replace(request_deserializer=parse_infer_request)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer, request_deserializer=parse_infer_request,
+        response_serializer=pb.ModelInferResponse.SerializeToString)
+    return handlers
+
+
+def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the OIP service on ``server`` (generic and registered-method paths, as the
+    generated ``add_GRPCInferenceServiceServicer_to_server`` does) with ``inference_handlers``."""
+    handlers = inference_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)
 
