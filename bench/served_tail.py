@@ -3,7 +3,7 @@
 The two S1 graphs, fitted by ``bench/s1_serving.py``'s ``fit_estimators`` (a 16-component diagonal
 GMM on scikit-learn's digits; a gaussian KDE on 10,000 standard-normal points in 64-D, h = 2), are
 exported twice from the same fitted core: once with the core's float64 ``log_prob`` (what every
-score graph computed before ``training/estimators/served_logsumexp.py``) and once as published
+score graph computed before ``training/estimators/logsumexp.py``) and once as published
 (``ScoreGraph``: the core's ``served_log_prob``). Each graph runs in onnxruntime in-process, CPU
 provider, one intra-op thread (what a genserve worker runs), on the S1 request sizes; timed as
 the median per-run time of ``--runs`` runs, in ``--rounds`` interleaved rounds (the machine's

@@ -21,7 +21,7 @@ One piece of maths per family, used three ways. ``fit`` produces a *fitted core*
 in the ``score`` and ``sample`` graphs that the exporter turns into ONNX. So the served graph
 and the torch estimator cannot disagree except by the exporter's numerics, which the export
 check measures. One licensed difference: a core may offer ``served_log_prob(x)``, the same
-log-density with its final log-sum-exp taking float32 exponentials (``served_logsumexp``: well
+log-density with its final log-sum-exp taking float32 exponentials (``logsumexp.py``: well
 within the float32 output's rounding, and the served graph's slowest node otherwise), which the
 score graph uses instead of ``log_prob``.
 """

@@ -42,7 +42,7 @@ matrix products. Then
 
 and log p(x) = m + log sum_k exp(a_k - m) with m = max_k a_k, written out (not torch.logsumexp)
 so the legacy ONNX exporter emits plain ReduceMax/Exp/ReduceSum/Log. The served score graph
-takes those exponentials in float32 (``served_logsumexp``; a 1,024-row S1 run 1.3-2.0x faster
+takes those exponentials in float32 (``logsumexp.py``; a 1,024-row S1 run 1.3-2.0x faster
 in four runs of bench/served_tail.py, e.g. 289 -> 220 us, outputs equal to float32 rounding);
 fitting and ``log_prob`` stay float64.
 
@@ -70,7 +70,7 @@ from tqdm.auto import tqdm
 from serving.repository.manifest import TensorSpec
 from training.neural import capped_threads
 from training.estimators.base import DensityEstimator
-from training.estimators.served_logsumexp import log_sum_exp_float32_exp
+from training.estimators.logsumexp import finite_log_sum_exp
 
 COVARIANCE_TYPES = ("full", "diag")
 SELECTIONS = ("validation", "bic")
@@ -85,23 +85,6 @@ _LOG_2PI = math.log(2 * math.pi)
 
 class SingularCovarianceError(ValueError):
     """A component's covariance is not positive definite even after ``reg_covar``."""
-
-
-# Exp's argument is clamped here: a term below exp(-700) cannot change a sum that holds exp(0) = 1
-# (float64's epsilon is 2e-16), so the result is unchanged to the last bit, but onnxruntime's
-# float64 Exp is data-dependent and slow on the underflowing arguments that rows far from every
-# component produce (anomalies, for one): a 1,024-row, 16-component run on S1's rows took 768 us
-# unclamped, 252 us clamped, with identical outputs (252 us on zeros either way).
-EXP_FLOOR = -700.0
-
-
-def _log_sum_exp(a: torch.Tensor) -> torch.Tensor:
-    """log sum_k exp(a[:, k]) as max + log(sum(exp(a - max))): stable and plain ONNX ops.
-
-    ``a`` is finite (log weights plus Gaussian log-densities), so clamping at ``EXP_FLOOR`` is exact.
-    """
-    m = a.amax(dim=1, keepdim=True)
-    return m.squeeze(1) + torch.log(torch.exp(torch.clamp(a - m, min=EXP_FLOOR)).sum(dim=1))
 
 
 # ---- the fitted core: the maths the ONNX graphs are made of ----------------------------------
@@ -123,11 +106,11 @@ class _MixtureCore(nn.Module):
         raise NotImplementedError
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        return _log_sum_exp(self.log_joint(x))
+        return finite_log_sum_exp(self.log_joint(x))
 
     def served_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log_prob`` for the score graph: float32 exponentials in the log-sum-exp (log_joint is finite)."""
-        return log_sum_exp_float32_exp(self.log_joint(x))
+        return finite_log_sum_exp(self.log_joint(x), torch.float32)
 
     def noise_specs(self) -> list[TensorSpec]:
         return [TensorSpec(name="u", shape=[-1], noise="uniform"),
@@ -358,7 +341,7 @@ def _em(x: torch.Tensor, K: int, covariance_type: str, reg_covar: float, tol: fl
     weights, means, covs, reseeds = _m_step(x, resp, covariance_type, reg_covar, collapse)
     core = make_core(weights, means, covs, covariance_type)
     log_joint = core.log_joint(x)
-    log_px = _log_sum_exp(log_joint)
+    log_px = finite_log_sum_exp(log_joint)
     previous = float(log_px.mean())
     lower_bounds, converged = [], False
     for _ in range(max_iter):
@@ -368,7 +351,7 @@ def _em(x: torch.Tensor, K: int, covariance_type: str, reg_covar: float, tol: fl
         reseeds += r
         core = make_core(weights, means, covs, covariance_type)       # M-step done
         log_joint = core.log_joint(x)
-        log_px = _log_sum_exp(log_joint)
+        log_px = finite_log_sum_exp(log_joint)
         current = float(log_px.mean())
         lower_bounds.append(current)
         if r == 0 and abs(current - previous) < tol:

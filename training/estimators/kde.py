@@ -34,7 +34,7 @@ r^2 clamped at 0 (rounding can make it slightly negative) and take log of a valu
 max + log(sum(exp(a - max))) (not torch.logsumexp: plain ReduceMax/Exp/ReduceSum/Log) with
 the max clamped to a finite value, so that a row whose terms are all -inf gives -inf rather
 than NaN (-inf - -inf). The served gaussian graph takes that log-sum-exp's exponentials in
-float32 (``served_logsumexp``: a 64-row run of the S1 KDE 1.6-1.85x faster in four runs of
+float32 (``logsumexp.py``: a 64-row run of the S1 KDE 1.6-1.85x faster in four runs of
 bench/served_tail.py, e.g. 6.4 -> 4.1 ms, outputs equal to float32 rounding).
 
 The core's ``log_prob`` takes any number of rows and builds [N, n] matrices; the server chunks
@@ -85,7 +85,7 @@ from torch import nn
 
 from serving.repository.manifest import TensorSpec
 from training.estimators.base import DensityEstimator, as_float64
-from training.estimators.served_logsumexp import log_sum_exp_float32_exp
+from training.estimators.logsumexp import finite_log_sum_exp
 
 KERNELS = ("gaussian", "tophat", "epanechnikov", "linear")
 BANDWIDTH_RULES = ("scott", "silverman", "cv")
@@ -174,7 +174,9 @@ class KernelDensityCore(nn.Module):
     def served_log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """``log_prob`` for the score graph: the gaussian kernel's terms are finite, so its
         log-sum-exp takes float32 exponentials; the compact kernels' -inf terms keep float64."""
-        return self._log_prob(x, log_sum_exp_float32_exp if self.kernel == "gaussian" else logsumexp_rows)
+        if self.kernel == "gaussian":
+            return self._log_prob(x, lambda a: finite_log_sum_exp(a, torch.float32))
+        return self._log_prob(x, logsumexp_rows)
 
     def _log_prob(self, x: torch.Tensor, log_sum_exp: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         xs = x / self.bandwidth

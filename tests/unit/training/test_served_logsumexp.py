@@ -14,7 +14,7 @@ from scipy.special import logsumexp
 
 from training.estimators.gmm import GaussianMixtureDensity
 from training.estimators.kde import KernelDensity
-from training.estimators.served_logsumexp import FLOAT32_EXP_FLOOR, log_sum_exp_float32_exp
+from training.estimators.logsumexp import EXP_FLOORS, finite_log_sum_exp
 from training.export import export_onnx
 
 EPS32 = 2.0 ** -24
@@ -33,12 +33,12 @@ def _terms(rows: int, n: int, seed: int) -> torch.Tensor:
 def test_error_is_within_the_documented_bound(n):
     """|error| <= (ln n + 1) 2^-24 for the rounding of a - max, plus 4 ulps for Exp and the log."""
     a = _terms(200, n, seed=n)
-    ours = log_sum_exp_float32_exp(a).numpy()
+    ours = finite_log_sum_exp(a, torch.float32).numpy()
     exact = logsumexp(a.numpy(), axis=1)
     bound = (math.log(n) + 1.0) * EPS32 + 4 * EPS32 + 1e-15 * np.abs(exact)
     assert ours.dtype == np.float64
     assert np.all(np.abs(ours - exact) <= bound), np.max(np.abs(ours - exact) - bound)
-    assert ((a - a.amax(dim=1, keepdim=True)) < FLOAT32_EXP_FLOOR).float().mean() > 0.2  # the clamp is exercised
+    assert ((a - a.amax(dim=1, keepdim=True)) < EXP_FLOORS[torch.float32]).float().mean() > 0.2  # the clamp is exercised
 
 
 def _exp_input_types(path) -> list[int]:
