@@ -83,10 +83,34 @@ def check_rows(x: np.ndarray, row_shape: list[int] | tuple[int, ...], dtype: str
     return np.ascontiguousarray(x, dtype=dtype)
 
 
+# Below this many values ``all_finite`` uses np.isfinite directly (a one-row request: 1.7 µs, against
+# 1.2 µs for the sum and ~1.5 µs for the errstate that keeps the sum's overflow warnings quiet).
+SUM_CHECK_MIN_VALUES = 4096
+
+
+def all_finite(x: np.ndarray) -> bool:
+    """Whether every value of a float array is finite, in one pass and without a temporary.
+
+    A NaN or an infinity makes a sum non-finite, so a finite sum clears the array; only a
+    non-finite sum (a bad value, or finite values whose sum overflows) pays for the exact
+    ``np.isfinite`` check and its boolean temporary. (Summing the rows with one BLAS
+    matrix-vector product instead was twice as fast in-process but 40 % slower inside the
+    server, on the request's freshly received bytes: 65-69 against 47-50 µs for a 1,024 x 64
+    float32 batch.)
+    """
+    if x.dtype.kind != "f":
+        return True
+    if x.size < SUM_CHECK_MIN_VALUES:  # small: the exact check is as cheap, and needs no errstate
+        return bool(np.isfinite(x).all())
+    with np.errstate(all="ignore"):  # an overflow to Inf is resolved by the exact check
+        total = float(np.add.reduce(x, axis=None))
+    return math.isfinite(total) or bool(np.isfinite(x).all())
+
+
 def _check_finite(x: np.ndarray, field: str, why: str) -> None:
-    finite = np.isfinite(x)
-    if finite.all():
+    if all_finite(x):
         return
+    finite = np.isfinite(x)
     bad_rows = ~finite.reshape(len(x), -1).all(axis=1)
     row = int(np.argmax(bad_rows))
     kind = "NaN" if np.isnan(x[row]).any() else "Inf"

@@ -46,12 +46,13 @@ from serving.api import grpc_service_pb2_grpc as pb_grpc
 from serving.api import model_config_pb2 as mc
 from serving.metrics import Metrics
 from serving.models.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable
-from serving.models.validation import Limits, check_sample_count, check_threshold_choice
+from serving.models.validation import Limits, all_finite, check_sample_count, check_threshold_choice
 from serving.repository.loader import LoadedModel, Repository
 from serving.repository.noise import draw_noise
 from serving.runtime.context import RunContext
 from serving.runtime.session import GraphSession
 from serving.services.infer_request import parse_infer_request
+from serving.services.infer_response import encode_raw_response, serialize_response
 from serving.services.reload import ModelManager
 from serving.services.state import ServingState
 from serving.services.status import status_of
@@ -236,11 +237,7 @@ def decode_input(tensor: Any, info: TensorInfo, raw: bytes | memoryview | None) 
 
 
 def _check_finite(name: str, array: np.ndarray) -> None:
-    # A NaN or an infinity makes the sum non-finite, so a finite sum clears the array in one pass
-    # without a boolean temporary; only a non-finite sum (a bad value, or finite values whose sum
-    # overflows) pays for the exact check.
-    if array.dtype.kind != "f" or math.isfinite(float(np.add.reduce(array, axis=None))) \
-            or np.isfinite(array).all():
+    if all_finite(array):
         return
     flat = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.array([True])
     row = int(np.argmax(flat))
@@ -295,7 +292,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if not model_name:
             return ""
         repository = self.state.repository
-        if repository is not None and model_name not in repository.names and "." in model_name:
+        if (repository is not None and "." in model_name and model_name not in repository.models
+                and model_name not in repository.unavailable):
             return model_name.rsplit(".", 1)[0]
         return model_name
 
@@ -391,7 +389,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # ---- inference -----------------------------------------------------------------------
     async def ModelInfer(self, request, context):
         async def work(repository: Repository, ctx: RunContext) -> pb.ModelInferResponse:
-            return await self.infer(repository, request, ctx)
+            return await self.infer(repository, request, ctx, wire=True)
 
         return await self._call("ModelInfer", request.model_name, context, work)
 
@@ -441,8 +439,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
-    async def infer(self, repository: Repository, request: Any, ctx: RunContext) -> pb.ModelInferResponse:
-        """One ModelInfer request (shared by the unary and the streaming call)."""
+    async def infer(self, repository: Repository, request: Any, ctx: RunContext,
+                    wire: bool = False) -> pb.ModelInferResponse | bytes:
+        """One ModelInfer request (shared by the unary and the streaming call); ``wire``: raw
+        answers as serialized bytes (the unary call's serializer passes them through)."""
         e = resolve(repository, request.model_name, request.model_version)
         ctx.model = e.model.name
         infos = e.by_name
@@ -487,12 +487,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             results[ANOMALY_OUTPUT] = flags
             self.metrics.anomalies_detected(e.model.name, score, flags)
         self.metrics.rows_done("ModelInfer", e.model.name, rows)
-        return self._response(e, request, results, wanted, bool(raw) or not inputs)
+        return self._response(e, request, results, wanted, bool(raw) or not inputs, wire)
 
     def _rows(self, e: Endpoint, feeds: dict[str, np.ndarray], request: Any) -> int:
         infos = e.by_name
-        batched = {name: a for name, a in feeds.items() if a.ndim and infos[name].shape[:1] == (-1,)}
-        if batched:
+        if len(feeds) == 1:  # the common case, without the comprehensions below
+            ((name, a),) = feeds.items()
+            batched = {name: a} if a.ndim and infos[name].shape[:1] == (-1,) else {}
+        else:
+            batched = {name: a for name, a in feeds.items() if a.ndim and infos[name].shape[:1] == (-1,)}
+        if len(batched) == 1:
+            rows = int(next(iter(batched.values())).shape[0])
+        elif batched:
             counts = {int(a.shape[0]) for a in batched.values()}
             if len(counts) != 1:
                 sizes = {name: int(a.shape[0]) for name, a in batched.items()}
@@ -543,30 +549,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @staticmethod
     def _response(e: Endpoint, request: Any, results: dict[str, np.ndarray], wanted: list[str],
-                  raw_default: bool) -> pb.ModelInferResponse:
+                  raw_default: bool, wire: bool = False) -> pb.ModelInferResponse | bytes:
+        """The answer: a message, or with ``wire`` and raw outputs its serialized bytes (see
+        ``serving.services.infer_response``)."""
         raw = raw_default
         for out in request.outputs:
             choice = _param(out.parameters, "binary_data")
             if isinstance(choice, bool):
                 raw = choice
                 break
-        response = pb.ModelInferResponse(model_name=e.name, model_version=e.version, id=request.id)
+        arrays: list[tuple[str, str, np.ndarray]] = []
         for name in wanted:
             array = np.asarray(results[name])
             datatype = DATATYPE_OF_DTYPE.get(array.dtype)
             if datatype is None:
                 raise InvalidArgument(f"output {name!r} has dtype {array.dtype.name}, which OIP cannot carry")
-            tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
             if raw:
                 if array.dtype.byteorder not in "=|<" or not LITTLE_ENDIAN:
                     array = array.astype(array.dtype.newbyteorder("<"))
+                if not array.flags.c_contiguous:
+                    array = np.ascontiguousarray(array)
+            elif CONTENTS_FIELD.get(datatype) is None:
+                raise InvalidArgument(f"output {name!r} ({datatype}) travels only as raw_output_contents: "
+                                      f"set its binary_data parameter")
+            arrays.append((name, datatype, array))
+        if raw and wire:
+            return encode_raw_response(e.name, e.version, request.id, arrays)
+        response = pb.ModelInferResponse(model_name=e.name, model_version=e.version, id=request.id)
+        for name, datatype, array in arrays:
+            tensor = response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+            if raw:
                 response.raw_output_contents.append(array.tobytes())
             else:
-                field = CONTENTS_FIELD.get(datatype)
-                if field is None:
-                    raise InvalidArgument(f"output {name!r} ({datatype}) travels only as raw_output_contents: "
-                                          f"set its binary_data parameter")
-                getattr(tensor.contents, field).extend(array.ravel().tolist())
+                getattr(tensor.contents, CONTENTS_FIELD[datatype]).extend(array.ravel().tolist())
         return response
 
 
@@ -585,13 +600,13 @@ class _HandlerCapture:
 
 def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodHandler]:
     """The OIP service's method handlers as the generated code builds them, except ModelInfer's,
-    whose requests ``parse_infer_request`` parses (raw tensors of large requests are not copied)."""
+    whose requests ``parse_infer_request`` parses (raw tensors of large requests are not copied) and
+    whose raw answers arrive encoded already (``serialize_response`` passes bytes through)."""
     capture = _HandlerCapture()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, capture)
     handlers = capture.handlers
     handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
-        servicer.ModelInfer, request_deserializer=parse_infer_request,
-        response_serializer=pb.ModelInferResponse.SerializeToString)
+        servicer.ModelInfer, request_deserializer=parse_infer_request, response_serializer=serialize_response)
     return handlers
 
 

@@ -1,0 +1,46 @@
+"""``all_finite`` (the finiteness check of every request) against ``np.isfinite(x).all()``."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from serving.models.validation import all_finite
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7,), (1024, 64), (5, 3, 4), (3, 1)])
+def test_agrees_with_isfinite_for_every_bad_value_and_place(dtype, shape):
+    rng = np.random.default_rng(abs(hash((np.dtype(dtype).name, shape))) % 2**32)
+    x = rng.standard_normal(shape).astype(dtype)
+    assert all_finite(x)
+    for bad in (np.nan, np.inf, -np.inf):
+        for _ in range(20):
+            y = x.copy()
+            y[tuple(rng.integers(0, n) for n in shape)] = bad
+            assert not all_finite(y) and not np.isfinite(y).all()
+    y = x.copy()
+    y.flat[0], y.flat[-1] = np.inf, -np.inf  # the two infinities of a sum cancel into NaN: still caught
+    assert not all_finite(y)
+
+
+def test_finite_values_whose_sum_overflows_are_finite():
+    big = np.finfo(np.float32).max
+    x = np.full((16, 64), big, dtype=np.float32)  # every row sum overflows to +inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no RuntimeWarning on the way
+        assert all_finite(x)
+        x[3, 5] = np.nan
+        assert not all_finite(x)
+
+
+def test_non_contiguous_and_integer_arrays():
+    x = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    view = x[::2, ::3]
+    assert all_finite(view)
+    x[10, 9] = np.nan
+    assert not all_finite(x[::2, ::3])  # row 10, column 9 are in the view
+    assert all_finite(x[1::2])  # the odd rows only
+    assert all_finite(np.arange(12).reshape(3, 4))
