@@ -2,12 +2,13 @@
 
 Building the response through protobuf costs a message, one ``InferOutputTensor`` per output,
 ``array.tobytes()`` (a copy) and ``raw_output_contents.append`` (a second copy), then
-``SerializeToString`` (a third): ~9 µs in-process for a 1,024-row GMM answer, ~40 µs inside
-the server, where the caches are cold after the request and the run; and a 100-MiB batch of
-samples is copied three times. The wire format of this message is a few length-delimited
-fields, so it is written here directly: the header fields, then each output's bytes, joined
-once. The fields come in field-number order, as protobuf writes them, so the bytes equal
+``SerializeToString`` (a third). The wire format of this message is a few length-delimited
+fields, so it is written here directly: the header fields (names, version, datatypes and shapes
+repeat from request to request, so they are encoded once and kept), then each output's bytes,
+joined once. The fields come in field-number order, as protobuf writes them, so the bytes equal
 ``SerializeToString`` of the same message (the tests check both that and the parse-back).
+``python bench/infer_wire.py``: a one-value or a 1,024-value answer in about half protobuf's
+time, a 16-MiB batch of samples in a fifth (1.6 against 7.2 ms of the event loop).
 
 Only what the servicer sends is encoded: names, the version, the request id, and for each
 output its name, datatype, shape and raw bytes. Anything else (typed contents, parameters) is
@@ -26,6 +27,9 @@ from serving.api import grpc_service_pb2 as pb
 _RESPONSE = pb.ModelInferResponse.DESCRIPTOR.fields_by_name
 _OUTPUT = pb.ModelInferResponse.InferOutputTensor.DESCRIPTOR.fields_by_name
 _LENGTH_DELIMITED = 2
+_ONE_BYTE = [bytes((v,)) for v in range(0x80)]
+# Below this size an output's bytes are copied with ``tobytes`` (cheaper than a memoryview's cast).
+_VIEW_MIN_BYTES = 64 * 1024
 
 
 def _key(number: int) -> bytes:
@@ -34,7 +38,7 @@ def _key(number: int) -> bytes:
 
 def _uvarint(value: int) -> bytes:
     if value < 0x80:
-        return bytes((value,))
+        return _ONE_BYTE[value]
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -67,8 +71,13 @@ def _header(model_name: str, model_version: str) -> bytes:
 
 
 @lru_cache(maxsize=1024)
-def _tensor_prefix(name: str, datatype: str) -> bytes:
-    return _string(OUT_NAME, name) + _string(OUT_DATATYPE, datatype)
+def _tensor(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    """One ``outputs`` entry (a request's batch size repeats, so these repeat too)."""
+    tensor = _string(OUT_NAME, name) + _string(OUT_DATATYPE, datatype)
+    if shape:  # a packed repeated field: absent when empty
+        packed = b"".join([_int64(d) for d in shape])
+        tensor += OUT_SHAPE + _uvarint(len(packed)) + packed
+    return OUTPUTS + _uvarint(len(tensor)) + tensor
 
 
 def encode_raw_response(model_name: str, model_version: str, request_id: str,
@@ -76,22 +85,20 @@ def encode_raw_response(model_name: str, model_version: str, request_id: str,
     """The serialized ModelInferResponse answering with ``(name, datatype, array)`` as raw contents.
 
     Each array must already be C-contiguous in its little-endian wire dtype. The fields that
-    repeat from request to request (names, version, datatypes) are encoded once and kept.
+    repeat from request to request (names, version, datatypes, shapes) are encoded once and kept.
     """
     parts: list[bytes | memoryview] = [_header(model_name, model_version)]
     if request_id:
         parts.append(_string(ID, request_id))
     for name, datatype, array in outputs:
-        tensor = _tensor_prefix(name, datatype)
-        if array.ndim:  # a packed repeated field: absent when empty
-            shape = b"".join([_int64(int(d)) for d in array.shape])
-            tensor += OUT_SHAPE + _uvarint(len(shape)) + shape
-        parts.append(OUTPUTS + _uvarint(len(tensor)))
-        parts.append(tensor)
+        parts.append(_tensor(name, datatype, array.shape))
     for _, _, array in outputs:
-        parts.append(RAW_OUTPUT_CONTENTS + _uvarint(array.nbytes))
-        if array.nbytes:
+        size = array.nbytes
+        parts.append(RAW_OUTPUT_CONTENTS + _uvarint(size))
+        if size >= _VIEW_MIN_BYTES:
             parts.append(memoryview(array).cast("B"))
+        elif size:
+            parts.append(array.tobytes())
     return b"".join(parts)
 
 

@@ -331,6 +331,70 @@ def test_a_sole_request_that_needs_no_merging_runs_inline_without_waiting_for_a_
     assert session.runs == [64, 66]  # the expired request never ran
 
 
+class CountingObserver:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def queued(self, model, graph, seconds):
+        self.calls.append(("queued", model, graph, seconds >= 0))
+
+    def ran(self, model, graph, rows, seconds):
+        self.calls.append(("ran", model, graph, rows, seconds > 0))
+
+    def merged(self, model, graph, requests):
+        self.calls.append(("merged", model, graph, requests))
+
+
+def _counters(batcher: Batcher) -> dict:
+    """ModelStatistics counts (the nanosecond totals vary run to run; their presence does not)."""
+    s = batcher.stats.snapshot()
+    return {"counts": {k: s[k][0] for k in ("success", "fail", "queue", "compute_input", "compute_infer",
+                                            "compute_output")},
+            "infer_ns": s["compute_infer"][1] > 0, "inference_count": s["inference_count"],
+            "execution_count": s["execution_count"], "batches": {k: v[0] for k, v in s["batches"].items()}}
+
+
+def test_a_lone_inline_run_records_what_the_general_path_records():
+    """A request run alone on the loop (``_run_alone``, the sole-request fast path) answers, counts
+    and reports exactly as the general batch path (``_execute``, here: a runner thread) does for
+    the same request; a failing run or outputs that do not follow the batch fail the same way."""
+    import asyncio
+
+    x = np.arange(64 * 3, dtype=np.float32).reshape(64, 3)
+    policy = BatchPolicy(max_batch_size=128, runners=2, inline_budget_s=1e-3)
+    answers, counters, observed = [], [], []
+    for inline in (True, False):
+        observer = CountingObserver()
+        batcher = Batcher("m", "g", FakeSession(), policy if inline else BatchPolicy(max_batch_size=128, runners=2),
+                          observer, seconds_per_row=1e-7, overhead_s=2e-7)
+        ctx = RunContext(sole=True, observer=observer)  # the same observer twice: reported once
+        answers.append(asyncio.run(batcher.infer({"x": x}, ctx)))
+        counters.append(_counters(batcher))
+        observed.append(observer.calls)
+    for a, b in zip(*answers):
+        np.testing.assert_array_equal(a, b)
+    assert counters[0] == counters[1]
+    assert counters[0]["counts"]["success"] == 1 and counters[0]["batches"] == {64: 1}
+    assert observed[0] == observed[1] == [("queued", "m", "g", True), ("ran", "m", "g", 64, True),
+                                          ("merged", "m", "g", 1)]
+
+    def not_following(instance, feeds):
+        return [feeds["x"][:1]]
+
+    errors, fails = [], []
+    for run in (FakeSession(fail=True), not_following):
+        for inline in (True, False):
+            batcher = Batcher("m", "g", run, policy if inline else BatchPolicy(max_batch_size=128, runners=2),
+                              seconds_per_row=1e-7, overhead_s=2e-7)
+            with pytest.raises(RuntimeError) as info:
+                asyncio.run(batcher.infer({"x": x}, RunContext(sole=True)))
+            errors.append(str(info.value))
+            fails.append(_counters(batcher)["counts"]["fail"])
+    assert errors[0] == errors[1] == "onnxruntime exploded"
+    assert errors[2] == errors[3] and "do not follow the batch axis" in errors[2]
+    assert fails == [1, 1, 1, 1]
+
+
 # The server runs on either loop (Settings.event_loop); uvloop hides its ready queue, so the
 # batcher's gathering there counts iterations that bring new requests instead.
 LOOPS = {"asyncio": None, "uvloop": uvloop.new_event_loop}
