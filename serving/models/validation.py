@@ -98,13 +98,13 @@ def all_finite(x: np.ndarray) -> bool:
     server, on the request's freshly received bytes: 65-69 against 47-50 µs for a 1,024 x 64
     float32 batch.)
     """
-    if x.dtype.kind != "f":
+    if x.dtype.kind not in "fc":  # integers and booleans are finite; complex sums work the same way
         return True
     if x.size < SUM_CHECK_MIN_VALUES:  # small: the exact check is as cheap, and needs no errstate
         return bool(np.isfinite(x).all())
     with np.errstate(all="ignore"):  # an overflow to Inf is resolved by the exact check
-        total = float(np.add.reduce(x, axis=None))
-    return math.isfinite(total) or bool(np.isfinite(x).all())
+        total = np.add.reduce(x, axis=None)
+    return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
 
 
 def _check_finite(x: np.ndarray, field: str, why: str) -> None:

@@ -521,25 +521,29 @@ class Batcher:
         """
         rows = request.rows
         started = time.monotonic()
+        waited = started - request.submitted
+        observers = self._observers((request,))
+        for observer in observers:  # before the run, as _execute: a failed run's wait counts too
+            observer.queued(self.model, self.graph, waited)
         try:
-            outputs = self._run(0, request.feeds)
+            feeds = request.feeds
+            computed_start = time.monotonic()
+            outputs = self._run(0, feeds)
             computed = time.monotonic()
             self._check_outputs(outputs, rows)
+            outputs = list(outputs)
         except Exception as exc:
             self._fail([_Piece(request, 0, 0, rows, None)], exc)
             return
-        infer_s = computed - started
+        infer_s = computed - computed_start
         self._learn(rows, infer_s)
-        waited = started - request.submitted
-        observers = self._observers((request,))
-        for observer in observers:
-            observer.queued(self.model, self.graph, waited)
         self._observe_run(observers, rows, 1, infer_s)
-        self.stats.record_run(rows, (0, int(infer_s * 1e9), 0), (int(waited * 1e9),))
+        ns = (int((computed_start - started) * 1e9), int(infer_s * 1e9), int((time.monotonic() - computed) * 1e9))
+        self.stats.record_run(rows, ns, (int(waited * 1e9),))
         request.done = True
         self.stats.record_success(1, int((time.monotonic() - request.submitted) * 1e9))
         if request.afuture is not None and not request.afuture.done():
-            request.afuture.set_result(list(outputs))
+            request.afuture.set_result(outputs)
 
     # ---- lifecycle -------------------------------------------------------------------------
     def retire(self) -> None:

@@ -561,7 +561,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         arrays: list[tuple[str, str, np.ndarray]] = []
         for name in wanted:
             array = np.asarray(results[name])
-            datatype = DATATYPE_OF_DTYPE.get(array.dtype)
+            datatype = DATATYPE_OF_DTYPE.get(array.dtype) or DATATYPE_OF_DTYPE.get(array.dtype.newbyteorder("="))
             if datatype is None:
                 raise InvalidArgument(f"output {name!r} has dtype {array.dtype.name}, which OIP cannot carry")
             if raw:

@@ -44,3 +44,11 @@ def test_non_contiguous_and_integer_arrays():
     assert not all_finite(x[::2, ::3])  # row 10, column 9 are in the view
     assert all_finite(x[1::2])  # the odd rows only
     assert all_finite(np.arange(12).reshape(3, 4))
+
+
+def test_complex_arrays_are_checked_like_floats():
+    x = np.ones((128, 64), dtype=np.complex64)
+    assert all_finite(x)
+    x[70, 1] = complex(0, np.nan)
+    assert not all_finite(x)
+    assert not all_finite(np.array([np.inf + 0j]))

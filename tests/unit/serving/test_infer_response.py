@@ -62,3 +62,26 @@ def test_serializer_passes_bytes_and_serializes_messages():
     assert serialize_response(message) == message.SerializeToString()
     data = message.SerializeToString()
     assert serialize_response(data) is data
+
+
+@pytest.mark.parametrize("rows", [3, 40_000])  # below and above the size answered from a memoryview
+def test_the_servicer_answers_any_layout_and_byte_order_as_protobuf_does(rows):
+    from types import SimpleNamespace
+
+    from serving.services.inference import InferenceServicer
+
+    e = SimpleNamespace(name="m", version="2")
+    request = pb.ModelInferRequest(model_name="m", id="r1")
+    base = np.random.default_rng(rows).standard_normal((rows, 6)).astype(np.float32)
+    results = {"strided": base[:, ::2], "transposed": base.T.copy().T, "big_endian": base.astype(">f4"),
+               "flags": base[:, 0] > 0}
+    wanted = list(results)
+    encoded = InferenceServicer._response(e, request, results, wanted, True, wire=True)
+    message = InferenceServicer._response(e, request, results, wanted, True, wire=False)
+    assert isinstance(encoded, bytes) and isinstance(message, pb.ModelInferResponse)
+    assert encoded == message.SerializeToString(deterministic=True)
+    parsed = pb.ModelInferResponse.FromString(encoded)
+    for i, name in enumerate(wanted):
+        array = np.asarray(results[name])
+        got = np.frombuffer(parsed.raw_output_contents[i], dtype=array.dtype.newbyteorder("<")).reshape(array.shape)
+        np.testing.assert_array_equal(got, array)

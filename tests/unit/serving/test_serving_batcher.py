@@ -350,7 +350,8 @@ def _counters(batcher: Batcher) -> dict:
     s = batcher.stats.snapshot()
     return {"counts": {k: s[k][0] for k in ("success", "fail", "queue", "compute_input", "compute_infer",
                                             "compute_output")},
-            "infer_ns": s["compute_infer"][1] > 0, "inference_count": s["inference_count"],
+            "infer_ns": s["compute_infer"][1] > 0, "output_ns": s["compute_output"][1] > 0,
+            "inference_count": s["inference_count"],
             "execution_count": s["execution_count"], "batches": {k: v[0] for k, v in s["batches"].items()}}
 
 
@@ -381,18 +382,21 @@ def test_a_lone_inline_run_records_what_the_general_path_records():
     def not_following(instance, feeds):
         return [feeds["x"][:1]]
 
-    errors, fails = [], []
+    errors, fails, failed_observed = [], [], []
     for run in (FakeSession(fail=True), not_following):
         for inline in (True, False):
+            observer = CountingObserver()
             batcher = Batcher("m", "g", run, policy if inline else BatchPolicy(max_batch_size=128, runners=2),
-                              seconds_per_row=1e-7, overhead_s=2e-7)
+                              observer, seconds_per_row=1e-7, overhead_s=2e-7)
             with pytest.raises(RuntimeError) as info:
                 asyncio.run(batcher.infer({"x": x}, RunContext(sole=True)))
             errors.append(str(info.value))
             fails.append(_counters(batcher)["counts"]["fail"])
+            failed_observed.append(observer.calls)
     assert errors[0] == errors[1] == "onnxruntime exploded"
     assert errors[2] == errors[3] and "do not follow the batch axis" in errors[2]
     assert fails == [1, 1, 1, 1]
+    assert all(calls == [("queued", "m", "g", True)] for calls in failed_observed)  # the wait counts, no run
 
 
 # The server runs on either loop (Settings.event_loop); uvloop hides its ready queue, so the
