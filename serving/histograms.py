@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from itertools import repeat, starmap
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -26,8 +27,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
-# Pending observations of one series binned at once, at the latest.
-FOLD_EVERY = 4096
+# Pending observations of one series binned at once, at the latest: binning 1,024 stalls the
+# event loop for ~0.1 ms (4,096 at once: 0.2-0.5 ms), at the same cost per observation.
+FOLD_EVERY = 1024
 
 
 class HistogramSeries:
@@ -58,8 +60,10 @@ class HistogramSeries:
         with self._lock:
             n = len(self._pending)
             if n:
-                popleft = self._pending.popleft
-                self._add(np.fromiter((popleft() for _ in range(n)), dtype=np.float64, count=n))
+                # Exactly the n values counted (others may append meanwhile); starmap pops them
+                # without a Python frame per value.
+                values = starmap(self._pending.popleft, repeat((), n))
+                self._add(np.fromiter(values, dtype=np.float64, count=n))
 
     def snapshot(self) -> tuple[np.ndarray, float]:
         self.fold()
