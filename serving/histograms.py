@@ -58,17 +58,19 @@ class HistogramSeries:
     def fold(self) -> None:
         """Bin the pending observations (values appended meanwhile stay pending)."""
         with self._lock:
-            n = len(self._pending)
-            if n:
-                # Exactly the n values counted (others may append meanwhile); starmap pops them
-                # without a Python frame per value.
-                values = starmap(self._pending.popleft, repeat((), n))
-                self._add(np.fromiter(values, dtype=np.float64, count=n))
+            self._fold()
 
     def snapshot(self) -> tuple[np.ndarray, float]:
-        self.fold()
         with self._lock:
+            self._fold()
             return self._counts.copy(), self._sum
+
+    def _fold(self) -> None:  # under the lock
+        n = len(self._pending)
+        if n:
+            # Exactly the n values counted (others may append meanwhile); starmap pops them
+            # without a Python frame per value.
+            self._add(np.fromiter(starmap(self._pending.popleft, repeat((), n)), dtype=np.float64, count=n))
 
     def _add(self, values: np.ndarray) -> None:  # under the lock
         values = values[~np.isnan(values)]
@@ -92,10 +94,11 @@ class FoldingHistogram:
     def labels(self, *values: str) -> HistogramSeries:
         if len(values) != len(self.labelnames):
             raise ValueError(f"{self.name}: expected labels {list(self.labelnames)}, got {list(values)}")
-        series = self._series.get(values)
+        key = tuple(map(str, values))
+        series = self._series.get(key)
         if series is None:
             with self._lock:
-                series = self._series.setdefault(tuple(str(v) for v in values), HistogramSeries(self.bounds))
+                series = self._series.setdefault(key, HistogramSeries(self.bounds))
         return series
 
     def describe(self) -> list[Metric]:

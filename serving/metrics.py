@@ -17,7 +17,7 @@ from __future__ import annotations
 import socket
 import threading
 from socketserver import ThreadingMixIn
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np

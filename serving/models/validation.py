@@ -75,11 +75,11 @@ def check_rows(x: np.ndarray, row_shape: list[int] | tuple[int, ...], dtype: str
         raise ResourceExhausted(f"{field}: {x.shape[0]} rows exceed the limit of {limits.max_rows} rows per "
                                 f"request (max_rows_per_request); send them in smaller batches")
     if np.issubdtype(x.dtype, np.floating):
-        _check_finite(x, field, "")
+        check_finite(x, field)
         if x.dtype.name != dtype:
             with np.errstate(over="ignore"):  # overflow becomes Inf, reported just below
                 x = x.astype(dtype)
-            _check_finite(x, field, f" (a {x.dtype.name} overflow of a float64 value)")
+            check_finite(x, field, f" (a {x.dtype.name} overflow of a float64 value)")
     return np.ascontiguousarray(x, dtype=dtype)
 
 
@@ -107,15 +107,16 @@ def all_finite(x: np.ndarray) -> bool:
     return bool(np.isfinite(total)) or bool(np.isfinite(x).all())
 
 
-def _check_finite(x: np.ndarray, field: str, why: str) -> None:
+def check_finite(x: np.ndarray, field: str, why: str = "") -> None:
+    """Reject NaN or Inf in ``x`` (both APIs), naming the first bad row (a 0-d array is one row)."""
     if all_finite(x):
         return
-    finite = np.isfinite(x)
-    bad_rows = ~finite.reshape(len(x), -1).all(axis=1)
+    rows = x.reshape(len(x), -1) if x.ndim else x.reshape(1, 1)  # (an empty batch is finite)
+    bad_rows = ~np.isfinite(rows).all(axis=1)
     row = int(np.argmax(bad_rows))
-    kind = "NaN" if np.isnan(x[row]).any() else "Inf"
+    kind = "NaN" if np.isnan(rows[row]).any() else "Inf"
     raise InvalidArgument(f"{field}: row {row} contains {kind}{why}; expected finite values "
-                          f"({int(bad_rows.sum())} of {len(x)} rows are not finite)")
+                          f"({int(bad_rows.sum())} of {len(rows)} rows are not finite)")
 
 
 def require(capabilities: list[str], capability: str, model: str, purpose: str) -> None:

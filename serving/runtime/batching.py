@@ -542,7 +542,7 @@ class Batcher:
         self.stats.record_run(rows, ns, (int(waited * 1e9),))
         request.done = True
         self.stats.record_success(1, int((time.monotonic() - request.submitted) * 1e9))
-        if request.afuture is not None and not request.afuture.done():
+        if not request.afuture.done():  # the caller was cancelled meanwhile
             request.afuture.set_result(outputs)
 
     # ---- lifecycle -------------------------------------------------------------------------

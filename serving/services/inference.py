@@ -46,7 +46,7 @@ from serving.api import grpc_service_pb2_grpc as pb_grpc
 from serving.api import model_config_pb2 as mc
 from serving.metrics import Metrics
 from serving.models.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted, ServingError, Unavailable
-from serving.models.validation import Limits, all_finite, check_sample_count, check_threshold_choice
+from serving.models.validation import Limits, check_finite, check_sample_count, check_threshold_choice
 from serving.repository.loader import LoadedModel, Repository
 from serving.repository.noise import draw_noise
 from serving.runtime.context import RunContext
@@ -73,7 +73,8 @@ DATATYPE_OF = {"float32": "FP32", "float64": "FP64", "int64": "INT64", "int32": 
 NUMPY_OF = {v: np.dtype(k) for k, v in DATATYPE_OF.items()}
 # Wire (little-endian) dtype per datatype, and datatype per NumPy dtype of an output.
 WIRE_DTYPE_OF = {v: d.newbyteorder("<") for v, d in NUMPY_OF.items()}
-DATATYPE_OF_DTYPE = {np.dtype(k): v for k, v in DATATYPE_OF.items()}
+# Either byte order: an output in the non-native one is swapped to the wire's little-endian order.
+DATATYPE_OF_DTYPE = {np.dtype(k).newbyteorder(order): v for k, v in DATATYPE_OF.items() for order in "<>"}
 CONFIG_TYPE_OF = {"FP32": mc.TYPE_FP32, "FP64": mc.TYPE_FP64, "INT64": mc.TYPE_INT64, "INT32": mc.TYPE_INT32,
                   "UINT8": mc.TYPE_UINT8, "BOOL": mc.TYPE_BOOL, "FP16": mc.TYPE_FP16, "INT16": mc.TYPE_INT16,
                   "INT8": mc.TYPE_INT8, "UINT16": mc.TYPE_UINT16, "UINT32": mc.TYPE_UINT32, "UINT64": mc.TYPE_UINT64}
@@ -234,16 +235,6 @@ def decode_input(tensor: Any, info: TensorInfo, raw: bytes | memoryview | None) 
         raise InvalidArgument(f"{name}.contents.{field}: expected {count} values for shape {_shape_text(shape)}, "
                               f"got {len(values)}")
     return np.asarray(values, dtype=dtype).reshape(shape)
-
-
-def _check_finite(name: str, array: np.ndarray) -> None:
-    if all_finite(array):
-        return
-    flat = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1) if array.ndim else np.array([True])
-    row = int(np.argmax(flat))
-    kind = "NaN" if np.isnan(array.reshape(len(array), -1)[row]).any() else "Inf"
-    raise InvalidArgument(f"{name}: row {row} contains {kind}; expected finite values "
-                          f"({int(flat.sum())} of {len(array)} rows are not finite)")
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -467,7 +458,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         rows = self._rows(e, feeds, request)
         if e.check_finite:
             for name, array in feeds.items():
-                _check_finite(name, array)
+                check_finite(array, name)
         absent_noise = [t for t in e.noise_inputs if t.name not in feeds]
         if absent_noise:
             seed = _int_param(request.parameters, "seed") or 0
@@ -491,19 +482,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     def _rows(self, e: Endpoint, feeds: dict[str, np.ndarray], request: Any) -> int:
         infos = e.by_name
-        if len(feeds) == 1:  # the common case, without the comprehensions below
-            ((name, a),) = feeds.items()
-            batched = {name: a} if a.ndim and infos[name].shape[:1] == (-1,) else {}
-        else:
-            batched = {name: a for name, a in feeds.items() if a.ndim and infos[name].shape[:1] == (-1,)}
-        if len(batched) == 1:
-            rows = int(next(iter(batched.values())).shape[0])
-        elif batched:
-            counts = {int(a.shape[0]) for a in batched.values()}
-            if len(counts) != 1:
-                sizes = {name: int(a.shape[0]) for name, a in batched.items()}
+        batched = [(name, a) for name, a in feeds.items() if a.ndim and infos[name].shape[:1] == (-1,)]
+        if batched:
+            rows = int(batched[0][1].shape[0])
+            if any(a.shape[0] != rows for _, a in batched):
+                sizes = {name: int(a.shape[0]) for name, a in batched}
                 raise InvalidArgument(f"inputs: the batch axis (first dimension) must agree across inputs, got {sizes}")
-            rows = counts.pop()
         elif feeds:
             rows = int(next(iter(feeds.values())).shape[0]) if next(iter(feeds.values())).ndim else 1
         else:
@@ -561,7 +545,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         arrays: list[tuple[str, str, np.ndarray]] = []
         for name in wanted:
             array = np.asarray(results[name])
-            datatype = DATATYPE_OF_DTYPE.get(array.dtype) or DATATYPE_OF_DTYPE.get(array.dtype.newbyteorder("="))
+            datatype = DATATYPE_OF_DTYPE.get(array.dtype)
             if datatype is None:
                 raise InvalidArgument(f"output {name!r} has dtype {array.dtype.name}, which OIP cannot carry")
             if raw:

@@ -52,3 +52,18 @@ def test_complex_arrays_are_checked_like_floats():
     x[70, 1] = complex(0, np.nan)
     assert not all_finite(x)
     assert not all_finite(np.array([np.inf + 0j]))
+
+
+def test_check_finite_names_the_first_bad_row_for_both_apis():
+    from serving.models.errors import InvalidArgument
+    from serving.models.validation import check_finite
+
+    x = np.zeros((4, 3), dtype=np.float32)
+    x[2, 1], x[3, 0] = np.inf, np.nan
+    with pytest.raises(InvalidArgument) as info:
+        check_finite(x, "x")
+    assert info.value.message == "x: row 2 contains Inf; expected finite values (2 of 4 rows are not finite)"
+    with pytest.raises(InvalidArgument) as info:
+        check_finite(np.array(np.nan, dtype=np.float32), "t")  # a scalar input is one row
+    assert info.value.message == "t: row 0 contains NaN; expected finite values (1 of 1 rows are not finite)"
+    check_finite(np.zeros((0, 3), dtype=np.float32), "x")  # an empty batch has nothing to reject
