@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from serving.api import genserve_pb2 as pb
 from serving.api import genserve_pb2_grpc as pb_grpc
@@ -48,6 +48,7 @@ from serving.repository.loader import Repository
 from serving.runtime.memory import keep_freed_memory
 from serving.runtime.session import RuntimeOptions, SessionFactory
 from serving.services.generative import GenerativeServicer
+from serving.services.generic_only import GenericOnly
 from serving.services.inference import SERVICE_NAME as OIP_SERVICE_NAME
 from serving.services.inference import InferenceServicer, add_inference_service
 from serving.services.reload import ModelManager
@@ -112,15 +113,18 @@ class GenServeServer:
         server = grpc.aio.server(options=s.server_grpc_options(), maximum_concurrent_rpcs=s.max_concurrent_rpcs)
         limits = Limits.from_settings(s)
         servicer = GenerativeServicer(self.state, self.executor, self.metrics, limits)
-        pb_grpc.add_GenerativeServiceServicer_to_server(servicer, server)
+        services = GenericOnly(server)  # no registered methods: see serving/services/generic_only.py
         self.inference = InferenceServicer(self.state, self.metrics, limits, self.manager, _version())
-        add_inference_service(self.inference, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        add_inference_service(self.inference, services)  # first: the generic handlers are tried in order
+        pb_grpc.add_GenerativeServiceServicer_to_server(servicer, services)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, services)
         for service in SERVER_SERVICES:
             await self.health.set(service, NOT_SERVING)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
-            pool=reflection_pool())
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(  # enable_server_reflection, for grpc.aio
+            reflection.aio.ReflectionServicer(
+                (SERVICE_NAME, OIP_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME),
+                pool=reflection_pool()),
+            services)
         try:
             self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         except RuntimeError as exc:

@@ -594,12 +594,10 @@ def inference_handlers(servicer: InferenceServicer) -> dict[str, grpc.RpcMethodH
     return handlers
 
 
-def add_inference_service(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register the OIP service on ``server`` (generic and registered-method paths, as the
-    generated ``add_GRPCInferenceServiceServicer_to_server`` does) with ``inference_handlers``."""
-    handlers = inference_handlers(servicer)
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
-    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+def add_inference_service(servicer: InferenceServicer, server: Any) -> None:
+    """Add the OIP service to ``server`` as a generic handler of ``inference_handlers`` (no
+    registered methods: ``serving.services.generic_only`` says why)."""
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, inference_handlers(servicer)),))
 
 
 def _stream_error(request: Any, message: str) -> pb.ModelStreamInferResponse:
