@@ -496,7 +496,7 @@ class Batcher:
                     self._deliver_error(request, exc)
             return
         try:
-            if len(requests) == 1 and requests[0].afuture is not None:
+            if len(requests) == 1:  # inline requests come from ``infer``: each has its asyncio future
                 self._run_alone(requests[0])
                 return
             pieces = []
@@ -526,9 +526,8 @@ class Batcher:
         for observer in observers:  # before the run, as _execute: a failed run's wait counts too
             observer.queued(self.model, self.graph, waited)
         try:
-            feeds = request.feeds
             computed_start = time.monotonic()
-            outputs = self._run(0, feeds)
+            outputs = self._run(0, request.feeds)
             computed = time.monotonic()
             self._check_outputs(outputs, rows)
             outputs = list(outputs)
@@ -538,10 +537,11 @@ class Batcher:
         infer_s = computed - computed_start
         self._learn(rows, infer_s)
         self._observe_run(observers, rows, 1, infer_s)
-        ns = (int((computed_start - started) * 1e9), int(infer_s * 1e9), int((time.monotonic() - computed) * 1e9))
+        finished = time.monotonic()
+        ns = (int((computed_start - started) * 1e9), int(infer_s * 1e9), int((finished - computed) * 1e9))
         self.stats.record_run(rows, ns, (int(waited * 1e9),))
         request.done = True
-        self.stats.record_success(1, int((time.monotonic() - request.submitted) * 1e9))
+        self.stats.record_success(1, int((finished - request.submitted) * 1e9))
         if not request.afuture.done():  # the caller was cancelled meanwhile
             request.afuture.set_result(outputs)
 
