@@ -345,7 +345,7 @@ FLOOR_SERVER = textwrap.dedent("""
         return pb.ModelReadyResponse(ready=True)
 
 
-    async def serve(port):
+    async def serve(port, registered):
         limit = 256 * 1024 * 1024
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
                                           ("grpc.max_send_message_length", limit), ("grpc.so_reuseport", 1)])
@@ -355,6 +355,10 @@ FLOOR_SERVER = textwrap.dedent("""
             "ModelReady": grpc.unary_unary_rpc_method_handler(
                 ready, request_deserializer=pb.ModelReadyRequest.FromString,
                 response_serializer=pb.ModelReadyResponse.SerializeToString)}),))
+        for i in range(registered):  # never called: what registered methods cost the calls that are
+            server.add_registered_method_handlers(f"unused.Service{i}", {"Method": grpc.unary_unary_rpc_method_handler(
+                ready, request_deserializer=pb.ModelReadyRequest.FromString,
+                response_serializer=pb.ModelReadyResponse.SerializeToString)})
         server.add_insecure_port(f"127.0.0.1:{port}")
         await server.start()
         await server.wait_for_termination()
@@ -364,24 +368,27 @@ FLOOR_SERVER = textwrap.dedent("""
         parser = argparse.ArgumentParser()
         parser.add_argument("--port", type=int, required=True)
         parser.add_argument("--workers", type=int, default=1)
+        parser.add_argument("--registered", type=int, default=0, help="extra registered methods, never called")
         args = parser.parse_args()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # so that the copies are stopped too
-        others = [subprocess.Popen([sys.executable, __file__, "--port", str(args.port)])
+        others = [subprocess.Popen([sys.executable, __file__, "--port", str(args.port),
+                                    "--registered", str(args.registered)])
                   for _ in range(args.workers - 1)]
         try:
-            asyncio.run(serve(args.port))
+            asyncio.run(serve(args.port, args.registered))
         finally:
             for other in others:
                 other.terminate()
 """)
 
 
-def start_floor(workdir: Path, workers: int) -> tuple[subprocess.Popen, str, Path]:
+def start_floor(workdir: Path, workers: int, registered: int = 0) -> tuple[subprocess.Popen, str, Path]:
     script = workdir / "grpcio_floor_server.py"
     script.write_text(FLOOR_SERVER)
     port = free_port()
     log_path = workdir / f"floor-{port}.log"
-    process = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--workers", str(workers)],
+    process = subprocess.Popen([sys.executable, str(script), "--port", str(port), "--workers", str(workers),
+                                "--registered", str(registered)],
                                cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
                                stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     return process, f"127.0.0.1:{port}", log_path
