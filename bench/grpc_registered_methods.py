@@ -7,7 +7,7 @@ registered, so it now registers none; this measures that decision on the server 
 else. Rounds alternate the variants (the machine's speed drifts); the table gives per-variant
 medians of requests/s and of server CPU per request, and the per-round pairs.
 
-    python bench/grpc_registered_methods.py [--rounds 6] [--registered 22] [--seconds 5]
+    python bench/grpc_registered_methods.py [--rounds 12] [--registered 22] [--seconds 5]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def one_cell(workdir: Path, registered: int, seconds: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--registered", type=int, default=22, help="extra registered methods of the second variant")
     parser.add_argument("--seconds", type=float, default=5.0, help="timed window per cell (after 1 s of warm-up)")
     args = parser.parse_args()
